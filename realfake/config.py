@@ -1,0 +1,124 @@
+"""Typed configuration: the training config of a run, and the environment settings."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Backbone = Literal[
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "convnext_tiny",
+]
+SelectionMetric = Literal["accuracy", "f1", "roc_auc", "loss"]
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides how one run trains. Defaults reproduce the seed report."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # model
+    backbone: Backbone = "resnet50"
+    weights: str = Field("imagenet", description="imagenet | none | path to a state dict")
+    hidden: int = Field(512, ge=1)
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    freeze: int = Field(0, ge=0, description="leading backbone stages kept frozen")
+
+    # input and augmentation
+    resize: int = Field(256, ge=8)
+    image_size: int = Field(224, ge=8)
+    rotation: float = Field(15.0, ge=0.0)
+    color_jitter: float = Field(0.2, ge=0.0)
+    jpeg_quality: tuple[int, int] | None = Field(
+        None, description="re-encode training images at a random JPEG quality in this range"
+    )
+    jpeg_p: float = Field(0.5, ge=0.0, le=1.0)
+
+    # optimisation
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+
+    # running
+    selection_metric: SelectionMetric = "accuracy"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere"
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+    @field_validator("jpeg_quality")
+    @classmethod
+    def _quality_range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None:
+            low, high = value
+            if not 1 <= low <= high <= 100:
+                raise ValueError("jpeg_quality must be [low, high] with 1 <= low <= high <= 100")
+        return value
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> TrainConfig:
+        if self.image_size > self.resize:
+            raise ValueError(f"image_size {self.image_size} is larger than resize {self.resize}")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ValueError("warmup_epochs must be smaller than epochs")
+        return self
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.selection_metric != "loss"
+
+
+class SplitConfig(BaseModel):
+    """Fractions of the data held out for validation and test, and the shuffling seed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    val: float = Field(0.1, ge=0.0, lt=1.0)
+    test: float = Field(0.2, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> SplitConfig:
+        if self.val + self.test >= 1.0:
+            raise ValueError("val + test must leave some data for training")
+        return self
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things live, taken from the environment; embedded defaults when unset."""
+
+    home: Path
+    database_url: str
+    broker_url: str
+    artifacts: Path
+    data_roots: tuple[Path, ...]
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        home = Path(env.get("REALFAKE_HOME", ".realfake")).absolute()
+        database_url = env.get("REALFAKE_DATABASE_URL") or f"sqlite:///{home / 'realfake.db'}"
+        broker_url = env.get("REALFAKE_BROKER_URL") or "filesystem://"
+        artifacts = Path(env.get("REALFAKE_ARTIFACTS") or home / "artifacts").absolute()
+        roots = tuple(
+            Path(p).absolute() for p in env.get("REALFAKE_DATA_ROOTS", "").split(":") if p
+        )
+        return cls(home, database_url, broker_url, artifacts, roots)

@@ -1,0 +1,194 @@
+"""Dataset discovery, a deterministic stratified split, and the image transforms."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from realfake.config import SplitConfig, TrainConfig
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+LABELS = {"real": 0, "fake": 1}  # the positive class is fake
+CLASS_NAMES = ("real", "fake")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_GROUP_PREFIX = re.compile(r"^([A-Za-z]+)_")
+_CLASS_TOKEN = re.compile(r"(?:^|[^a-z])(real|fake)(?:$|[^a-z])")
+
+
+class DatasetError(ValueError):
+    """The data folder cannot be used for training; the message says why."""
+
+
+class OutsideDataRoots(PermissionError):
+    """A path resolves to a place outside the folders a job may read."""
+
+
+@dataclass(frozen=True, order=True)
+class Sample:
+    path: str  # relative to the dataset root, with forward slashes
+    label: int
+    group: str | None = None
+
+
+def group_of(name: str) -> str | None:
+    """The group a file name carries as a prefix (`easy_`, `mid_`, `hard_`, `real_`), if any."""
+    match = _GROUP_PREFIX.match(Path(name).name)
+    return match.group(1).lower() if match else None
+
+
+def ensure_inside(path: Path, roots: Sequence[Path]) -> Path:
+    """Resolve `path` (following symlinks) and refuse it unless it lies under one of `roots`."""
+    resolved = path.resolve()
+    for root in roots:
+        if resolved.is_relative_to(root.resolve()):
+            return resolved
+    raise OutsideDataRoots(f"{path} resolves to {resolved}, outside the data roots")
+
+
+def iter_images(folder: Path, roots: Sequence[Path] | None = None) -> Iterable[Path]:
+    """Image files under `folder`, recursively, in sorted order; symlinks out of `roots` skipped."""
+    allowed = list(roots) if roots else [folder]
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        try:
+            ensure_inside(path, allowed)
+        except OutsideDataRoots:
+            continue
+        yield path
+
+
+def _class_of(folder_name: str) -> str | None:
+    match = _CLASS_TOKEN.search(folder_name.lower())
+    return match.group(1) if match else None
+
+
+def discover(root: Path | str, roots: Sequence[Path] | None = None) -> list[Sample]:
+    """Find the labelled images of a dataset folder.
+
+    `root` holds one sub-folder per class whose name says real or fake: the Kaggle layout
+    `training_real/` + `training_fake/`, or plain `real/` + `fake/`.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"data folder {root} does not exist or is not a folder")
+    allowed = list(roots) if roots else [root]
+    ensure_inside(root, allowed)
+    by_class: dict[str, list[Sample]] = {"real": [], "fake": []}
+    for child in sorted(root.iterdir()):
+        name = _class_of(child.name)
+        if name is None or not child.is_dir():
+            continue
+        for path in iter_images(child, allowed):
+            rel = path.relative_to(root).as_posix()
+            by_class[name].append(Sample(rel, LABELS[name], group_of(path.name)))
+    for name, samples in by_class.items():
+        if not samples:
+            raise DatasetError(
+                f"{root} has no images of class '{name}': expected a sub-folder named like "
+                f"'{name}/' or 'training_{name}/' holding image files"
+            )
+    return sorted(by_class["real"] + by_class["fake"])
+
+
+def stratified_split(samples: Sequence[Sample], split: SplitConfig) -> dict[str, list[Sample]]:
+    """Split into train/val/test, stratified by class and group.
+
+    Exact per-stratum counts (even for strata too small for scikit-learn's splitter), and
+    the same files and seed give the same split whatever order they were listed in.
+    """
+    strata: dict[tuple[int, str | None], list[Sample]] = defaultdict(list)
+    for sample in sorted(set(samples)):
+        strata[(sample.label, sample.group)].append(sample)
+    rng = random.Random(split.seed)
+    parts: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
+    for key in sorted(strata, key=lambda k: (k[0], k[1] or "")):
+        members = strata[key]
+        rng.shuffle(members)
+        n_test = round(len(members) * split.test)
+        n_val = round(len(members) * split.val)
+        parts["test"] += members[:n_test]
+        parts["val"] += members[n_test : n_test + n_val]
+        parts["train"] += members[n_test + n_val :]
+    for name, part in parts.items():
+        part.sort()
+        fraction = {"train": 1.0, "val": split.val, "test": split.test}[name]
+        if fraction > 0 and len({s.label for s in part}) < 2:
+            raise DatasetError(
+                f"too few images for the split: the {name} part would not hold both classes "
+                f"({len(samples)} images, val={split.val}, test={split.test})"
+            )
+    return parts
+
+
+def train_transform(config: TrainConfig) -> v2.Compose:
+    """The seed's augmentation, plus optional JPEG re-encoding against the compression shortcut."""
+    steps: list[v2.Transform] = [
+        v2.PILToTensor(),
+        v2.Resize(config.resize, antialias=True),
+        v2.RandomRotation(config.rotation),
+        v2.RandomCrop(config.image_size),
+        v2.RandomHorizontalFlip(),
+    ]
+    if config.color_jitter > 0:
+        j = config.color_jitter
+        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+    if config.jpeg_quality is not None:
+        steps.append(v2.RandomApply([v2.JPEG(list(config.jpeg_quality))], p=config.jpeg_p))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(steps)
+
+
+def eval_transform(config: TrainConfig) -> v2.Compose:
+    """Resize and centre crop only: evaluation never sees the training augmentation."""
+    return v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize(config.resize, antialias=True),
+            v2.CenterCrop(config.image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class FaceDataset(Dataset):
+    """Labelled images of one split; items are (tensor, label, index)."""
+
+    def __init__(self, root: Path | str, samples: Sequence[Sample], transform: v2.Compose):
+        self.root = Path(root)
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        sample = self.samples[index]
+        image = load_rgb(self.root / sample.path)
+        return self.transform(image), sample.label, index
+
+
+def samples_to_json(parts: dict[str, list[Sample]]) -> dict[str, list[list]]:
+    """The split as plain JSON (recorded with the run)."""
+    return {name: [[s.path, s.label, s.group] for s in part] for name, part in parts.items()}
+
+
+def samples_from_json(data: dict[str, list[list]]) -> dict[str, list[Sample]]:
+    return {name: [Sample(p, int(l), g) for p, l, g in rows] for name, rows in data.items()}

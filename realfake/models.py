@@ -1,0 +1,142 @@
+"""Backbones with the seed report's classification head, and how their weights are loaded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.hub import get_dir
+from torchvision import models as tvm
+
+from realfake.config import TrainConfig
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights could not be loaded; the message says which file to put where."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    builder: Callable[..., nn.Module]
+    imagenet: tvm.WeightsEnum
+    # replaces the ImageNet classifier with `head` and returns the feature width it sees
+    attach_head: Callable[[nn.Module, Callable[[int], nn.Module]], int]
+    # the leading stages, in order, that `freeze` counts
+    stages: Callable[[nn.Module], list[nn.Module]]
+
+
+def _resnet_head(model: nn.Module, make: Callable[[int], nn.Module]) -> int:
+    width = model.fc.in_features
+    model.fc = make(width)
+    return width
+
+
+def _resnet_stages(model: nn.Module) -> list[nn.Module]:
+    stem = nn.ModuleList([model.conv1, model.bn1])
+    return [stem, model.layer1, model.layer2, model.layer3, model.layer4]
+
+
+def _classifier_head(model: nn.Module, make: Callable[[int], nn.Module]) -> int:
+    # mobilenet_v2 and efficientnet end in Dropout-Linear, mobilenet_v3 in an MLP:
+    # the seed head replaces the whole classifier and sees the pooled features.
+    width = next(m for m in model.classifier if isinstance(m, nn.Linear)).in_features
+    model.classifier = make(width)
+    return width
+
+
+def _convnext_head(model: nn.Module, make: Callable[[int], nn.Module]) -> int:
+    # keep convnext's LayerNorm + Flatten, replace only its final Linear
+    width = model.classifier[-1].in_features
+    model.classifier[-1] = make(width)
+    return width
+
+
+def _feature_stages(model: nn.Module) -> list[nn.Module]:
+    return list(model.features.children())
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": BackboneSpec(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, _resnet_head, _resnet_stages),
+    "resnet34": BackboneSpec(tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, _resnet_head, _resnet_stages),
+    "resnet50": BackboneSpec(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, _resnet_head, _resnet_stages),
+    "mobilenet_v2": BackboneSpec(
+        tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, _classifier_head, _feature_stages
+    ),
+    "mobilenet_v3_large": BackboneSpec(
+        tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1, _classifier_head, _feature_stages
+    ),
+    "efficientnet_b0": BackboneSpec(
+        tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, _classifier_head, _feature_stages
+    ),
+    "convnext_tiny": BackboneSpec(
+        tvm.convnext_tiny, tvm.ConvNeXt_Tiny_Weights.IMAGENET1K_V1, _convnext_head, _feature_stages
+    ),
+}
+
+
+def seed_head(in_features: int, hidden: int = 512, dropout: float = 0.5) -> nn.Sequential:
+    """The report's head: Linear(in, hidden)-ReLU-Dropout-Linear(hidden, 2)."""
+    return nn.Sequential(
+        nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, 2)
+    )
+
+
+def _weights_help(name: str, weights: tvm.WeightsEnum) -> str:
+    filename = Path(weights.url).name
+    cache = Path(get_dir()) / "checkpoints"
+    return (
+        f"ImageNet weights for {name} could not be loaded: no network and no cached copy. "
+        f"Either put {filename} (from {weights.url}) into {cache}/ "
+        f"(set TORCH_HOME to move that folder), or set `weights:` to the path of a local "
+        f"state dict, or use `weights: none` to train from random initialisation."
+    )
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local file, loaded without unpickling arbitrary objects."""
+    if not path.is_file():
+        raise WeightsUnavailable(
+            f"weights file {path} does not exist: give the path of a torchvision state dict "
+            f"for this backbone, `imagenet`, or `none`"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a training checkpoint
+    return state
+
+
+def _load_backbone(name: str, weights: str) -> nn.Module:
+    spec = BACKBONES[name]
+    if weights == "none":
+        return spec.builder(weights=None)
+    if weights == "imagenet":
+        try:
+            return spec.builder(weights=spec.imagenet, progress=False)
+        except OSError as error:  # URLError, connection refused, DNS failure
+            raise WeightsUnavailable(_weights_help(name, spec.imagenet)) from error
+    model = spec.builder(weights=None)
+    path = Path(weights).expanduser()
+    state = load_state_dict_file(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise WeightsUnavailable(f"{path} is not a {name} state dict: {error}") from error
+    return model
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    """The configured backbone with the seed head, leading `freeze` stages frozen."""
+    if config.backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {config.backbone!r}; choose from {sorted(BACKBONES)}")
+    spec = BACKBONES[config.backbone]
+    model = _load_backbone(config.backbone, config.weights)
+    spec.attach_head(model, lambda width: seed_head(width, config.hidden, config.dropout))
+    stages = spec.stages(model)
+    if config.freeze > len(stages):
+        raise ValueError(f"freeze={config.freeze} but {config.backbone} has {len(stages)} stages")
+    for stage in stages[: config.freeze]:
+        stage.requires_grad_(False)
+    return model

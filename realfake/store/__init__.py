@@ -1,0 +1,29 @@
+"""Persistence: SQLAlchemy models, sessions, Alembic migrations."""
+
+from realfake.store.models import (
+    Base,
+    EpochMetric,
+    JobStatus,
+    Prediction,
+    Run,
+    RunStatus,
+    ScoringJob,
+    Sweep,
+)
+from realfake.store.session import make_engine, migrate, session_factory, session_scope, upsert
+
+__all__ = [
+    "Base",
+    "EpochMetric",
+    "JobStatus",
+    "Prediction",
+    "Run",
+    "RunStatus",
+    "ScoringJob",
+    "Sweep",
+    "make_engine",
+    "migrate",
+    "session_factory",
+    "session_scope",
+    "upsert",
+]

@@ -1,0 +1,304 @@
+"""Full fine-tuning in the shape of torchvision's reference: train_one_epoch, evaluate, fit.
+
+`fit` knows nothing about SQL or Celery: the caller passes `TrainHooks` that persist
+metrics, report progress and say when to stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from realfake.config import TrainConfig
+from realfake.data import FaceDataset, Sample, eval_transform, train_transform
+from realfake.metrics import Metrics, compute_metrics
+from realfake.models import build_model
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class StopRequested(Exception):
+    """Raised between batches when the hooks ask training to stop (a cancel)."""
+
+
+class TrainHooks:
+    """Callbacks from `fit`; the defaults do nothing."""
+
+    def should_stop(self) -> bool:
+        """Checked between batches: True stops training at once (cancel)."""
+        return False
+
+    def on_batch(self, split: str, epoch: int, done: int, total: int) -> None:
+        """Progress within an epoch."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Metrics], best: BestSoFar) -> bool:
+        """Persist an epoch's metrics; return False to stop after this epoch (pruning)."""
+        return True
+
+
+@dataclass(frozen=True)
+class BestSoFar:
+    epoch: int | None = None
+    value: float | None = None
+
+
+@dataclass(frozen=True)
+class FitResult:
+    outcome: Literal["completed", "stopped", "pruned"]
+    epochs_done: int
+    best: BestSoFar
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+
+    @classmethod
+    def for_config(cls, config: TrainConfig) -> Runtime:
+        name = config.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(name)
+        on_cuda = device.type == "cuda"
+        precision = config.precision
+        if precision == "auto":
+            precision = "bf16" if on_cuda else "fp32"
+        dtype = torch.bfloat16 if precision == "bf16" else None
+        return cls(device, dtype, channels_last=on_cuda)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return images.to(self.device, non_blocking=True, memory_format=memory_format)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-epoch factor: linear warm-up, then constant or cosine decay to zero."""
+
+    def factor(epoch: int) -> float:  # epoch counts from 0 here, as LambdaLR does
+        if epoch < config.warmup_epochs:
+            return (epoch + 1) / (config.warmup_epochs + 1)
+        if config.lr_schedule == "constant":
+            return 1.0
+        span = max(1, config.epochs - config.warmup_epochs)
+        progress = (epoch - config.warmup_epochs) / span
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _check_stop(hooks: TrainHooks) -> None:
+    if hooks.should_stop():
+        raise StopRequested
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    runtime: Runtime,
+    epoch: int,
+    hooks: TrainHooks,
+) -> Metrics:
+    """One pass over the training data; metrics come from the training-mode predictions."""
+    model.train()
+    dataset: FaceDataset = loader.dataset
+    total_loss, labels, scores, indices = 0.0, [], [], []
+    for step, (images, targets, index) in enumerate(loader):
+        _check_stop(hooks)
+        images, targets = runtime.to_device(images), targets.to(runtime.device)
+        with runtime.autocast():
+            logits = model(images)
+            loss = criterion(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(targets)
+        scores.append(torch.softmax(logits.detach().float(), dim=1)[:, 1].cpu())
+        labels.append(targets.cpu())
+        indices.append(index)
+        hooks.on_batch("train", epoch, step + 1, len(loader))
+    return _metrics(dataset, labels, scores, indices, total_loss)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    criterion: nn.Module,
+    loader: DataLoader,
+    runtime: Runtime,
+    hooks: TrainHooks | None = None,
+    split: str = "val",
+    epoch: int = 0,
+) -> Metrics:
+    """Metrics of `model` on `loader`; writes nothing."""
+    hooks = hooks or TrainHooks()
+    model.eval()
+    total_loss, labels, scores, indices = 0.0, [], [], []
+    for step, (images, targets, index) in enumerate(loader):
+        _check_stop(hooks)
+        images, targets = runtime.to_device(images), targets.to(runtime.device)
+        with runtime.autocast():
+            logits = model(images)
+        logits = logits.float()
+        total_loss += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        scores.append(torch.softmax(logits, dim=1)[:, 1].cpu())
+        labels.append(targets.cpu())
+        indices.append(index)
+        hooks.on_batch(split, epoch, step + 1, len(loader))
+    return _metrics(loader.dataset, labels, scores, indices, total_loss)
+
+
+def _metrics(dataset: FaceDataset, labels, scores, indices, total_loss: float) -> Metrics:
+    y = torch.cat(labels).numpy()
+    p = torch.cat(scores).numpy()
+    order = torch.cat(indices).tolist()
+    groups = [dataset.samples[i].group for i in order]
+    return compute_metrics(y, p, loss=total_loss / max(1, len(y)), groups=groups)
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write-then-rename, so a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _loader(dataset: FaceDataset, config: TrainConfig, shuffle: bool, seed: int, runtime: Runtime) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=shuffle,
+        num_workers=config.num_workers,
+        pin_memory=runtime.device.type == "cuda",
+        generator=generator,
+        drop_last=False,
+    )
+
+
+def _is_better(value: float | None, best: float | None, higher_is_better: bool) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    if best is None:
+        return True
+    return value > best if higher_is_better else value < best
+
+
+def fit(
+    config: TrainConfig,
+    data_root: Path | str,
+    split: dict[str, list[Sample]],
+    checkpoint_dir: Path | str,
+    hooks: TrainHooks | None = None,
+) -> FitResult:
+    """Train `config.epochs` epochs, resuming after the last finished epoch if a checkpoint exists.
+
+    Each epoch: train, evaluate val and test, keep `best.pt` by the selection metric on val,
+    hand the metrics to the hooks, then write `last.pt`. Metrics are persisted before the
+    checkpoint, so a crash in between repeats an epoch (its rows are upserted) and never
+    skips one.
+    """
+    hooks = hooks or TrainHooks()
+    checkpoint_dir = Path(checkpoint_dir)
+    last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
+    runtime = Runtime.for_config(config)
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    model = build_model(config)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.to(runtime.device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    optimizer = make_optimizer(model, config)
+    lr_scheduler = make_lr_scheduler(optimizer, config)
+
+    start_epoch, best = 1, BestSoFar()
+    if last_path.exists():
+        checkpoint = load_checkpoint(last_path)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        start_epoch = checkpoint["epoch"] + 1
+        best = BestSoFar(checkpoint.get("best_epoch"), checkpoint.get("best_value"))
+        log.info("resuming from %s at epoch %d", last_path, start_epoch)
+
+    root = Path(data_root)
+    datasets = {
+        "train": FaceDataset(root, split["train"], train_transform(config)),
+        "val": FaceDataset(root, split["val"], eval_transform(config)),
+        "test": FaceDataset(root, split["test"], eval_transform(config)),
+    }
+    config_json = config.model_dump(mode="json")
+    epoch = start_epoch - 1
+    try:
+        for epoch in range(start_epoch, config.epochs + 1):
+            # Seeded per epoch, so a resumed run draws the same batches as an unbroken one.
+            torch.manual_seed(config.seed * 1000 + epoch)
+            train_loader = _loader(datasets["train"], config, True, config.seed * 1000 + epoch, runtime)
+            metrics = {"train": train_one_epoch(model, criterion, optimizer, train_loader, runtime, epoch, hooks)}
+            for name in ("val", "test"):
+                if datasets[name].samples:
+                    loader = _loader(datasets[name], config, False, 0, runtime)
+                    metrics[name] = evaluate(model, criterion, loader, runtime, hooks, name, epoch)
+            lr_scheduler.step()
+
+            selection = metrics.get("val", metrics["train"]).value(config.selection_metric)
+            if _is_better(selection, best.value, config.higher_is_better):
+                best = BestSoFar(epoch, selection)
+                save_atomic({"model": model.state_dict(), "epoch": epoch, "config": config_json}, best_path)
+            keep_going = hooks.on_epoch_end(epoch, metrics, best)
+            save_atomic(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": lr_scheduler.state_dict(),
+                    "epoch": epoch,
+                    "config": config_json,
+                    "best_epoch": best.epoch,
+                    "best_value": best.value,
+                },
+                last_path,
+            )
+            if not keep_going:
+                return FitResult("pruned", epoch, best)
+    except StopRequested:
+        return FitResult("stopped", epoch - 1, best)
+    return FitResult("completed", config.epochs, best)

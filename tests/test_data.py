@@ -1,0 +1,138 @@
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from realfake.config import SplitConfig, TrainConfig
+from realfake.data import (
+    DatasetError,
+    FaceDataset,
+    OutsideDataRoots,
+    discover,
+    ensure_inside,
+    eval_transform,
+    group_of,
+    stratified_split,
+    train_transform,
+)
+from tests.conftest import FACES
+
+
+def _touch_image(path: Path, size: int = 16) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), (120, 30, 200)).save(path)
+
+
+def test_discovers_kaggle_layout_recursively_images_only(tmp_path):
+    _touch_image(tmp_path / "training_real" / "real_00001.jpg")
+    _touch_image(tmp_path / "training_real" / "nested" / "deeper" / "real_00002.png")
+    _touch_image(tmp_path / "training_fake" / "easy_1_0001.jpg")
+    _touch_image(tmp_path / "training_fake" / "hard_2_1100.JPEG")
+    (tmp_path / "training_fake" / "notes.txt").write_text("not an image")
+    _touch_image(tmp_path / "unrelated" / "x.jpg")  # neither real nor fake: ignored
+
+    samples = discover(tmp_path)
+
+    assert [(s.path, s.label, s.group) for s in samples] == [
+        ("training_fake/easy_1_0001.jpg", 1, "easy"),
+        ("training_fake/hard_2_1100.JPEG", 1, "hard"),
+        ("training_real/nested/deeper/real_00002.png", 0, "real"),
+        ("training_real/real_00001.jpg", 0, "real"),
+    ]
+
+
+def test_discovers_plain_real_fake_layout(synthetic_data):
+    counts = Counter(s.label for s in discover(synthetic_data))
+    assert counts == {0: 100, 1: 100}
+
+
+def test_missing_class_is_rejected_with_a_message(tmp_path):
+    _touch_image(tmp_path / "real" / "a.jpg")
+    (tmp_path / "fake").mkdir()
+    with pytest.raises(DatasetError, match="no images of class 'fake'"):
+        discover(tmp_path)
+    with pytest.raises(DatasetError, match="does not exist"):
+        discover(tmp_path / "nope")
+
+
+def test_symlink_leading_out_of_the_folder_is_not_read(tmp_path):
+    outside = tmp_path / "outside.jpg"
+    _touch_image(outside)
+    root = tmp_path / "data"
+    _touch_image(root / "real" / "a.jpg")
+    _touch_image(root / "fake" / "b.jpg")
+    (root / "fake" / "escape.jpg").symlink_to(outside)
+    assert [s.path for s in discover(root)] == ["fake/b.jpg", "real/a.jpg"]
+    with pytest.raises(OutsideDataRoots):
+        ensure_inside(root / "fake" / "escape.jpg", [root])
+
+
+def test_group_prefix():
+    assert group_of("easy_116_1110.jpg") == "easy"
+    assert group_of("real_00001.jpg") == "real"
+    assert group_of("IMG1234.jpg") is None
+
+
+def test_split_is_deterministic_whatever_the_listing_order(synthetic_data):
+    samples = discover(synthetic_data)
+    shuffled = samples[:]
+    random.Random(7).shuffle(shuffled)
+    config = SplitConfig(val=0.15, test=0.2, seed=3)
+    assert stratified_split(samples, config) == stratified_split(shuffled, config)
+    assert stratified_split(samples, config) != stratified_split(samples, SplitConfig(val=0.15, test=0.2, seed=4))
+
+
+def test_split_is_stratified_disjoint_and_complete(synthetic_data):
+    samples = discover(synthetic_data)
+    parts = stratified_split(samples, SplitConfig(val=0.1, test=0.2, seed=0))
+    paths = [s.path for part in parts.values() for s in part]
+    assert len(paths) == len(set(paths)) == len(samples)
+    strata = Counter((s.label, s.group) for s in samples)
+    for (label, group), n in strata.items():
+        per_part = {name: sum(1 for s in part if (s.label, s.group) == (label, group)) for name, part in parts.items()}
+        assert per_part["test"] == round(n * 0.2)
+        assert per_part["val"] == round(n * 0.1)
+        assert per_part["train"] == n - per_part["test"] - per_part["val"]
+
+
+@pytest.mark.skipif(not FACES.is_dir(), reason="shared dataset not present")
+def test_split_of_the_real_faces_keeps_group_proportions():
+    samples = discover(FACES)
+    assert len(samples) == 1633
+    assert Counter(s.group for s in samples) == {"real": 865, "mid": 384, "easy": 192, "hard": 192}
+    parts = stratified_split(samples, SplitConfig(val=0.1, test=0.2, seed=0))
+    test_groups = Counter(s.group for s in parts["test"])
+    assert test_groups == {"real": 173, "mid": 77, "easy": 38, "hard": 38}
+
+
+def test_too_few_images_for_the_split(tmp_path):
+    _touch_image(tmp_path / "real" / "a.jpg")
+    _touch_image(tmp_path / "fake" / "b.jpg")
+    with pytest.raises(DatasetError, match="too few images"):
+        stratified_split(discover(tmp_path), SplitConfig(val=0.2, test=0.2))
+
+
+def test_transforms_shapes_and_eval_is_deterministic(synthetic_data):
+    config = TrainConfig(resize=72, image_size=64, jpeg_quality=(30, 60), jpeg_p=1.0)
+    samples = discover(synthetic_data)[:2]
+    train = FaceDataset(synthetic_data, samples, train_transform(config))
+    evaluation = FaceDataset(synthetic_data, samples, eval_transform(config))
+    image, label, index = train[0]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+    assert (label, index) == (samples[0].label, 0)
+    assert torch.equal(evaluation[1][0], evaluation[1][0])
+    torch.manual_seed(0)
+    first = train[1][0]
+    assert not torch.equal(first, train[1][0])  # augmentation draws anew
+
+
+def test_train_transform_includes_the_seed_augmentation():
+    names = [type(t).__name__ for t in train_transform(TrainConfig()).transforms]
+    for expected in ("Resize", "RandomRotation", "RandomCrop", "ColorJitter", "Normalize"):
+        assert expected in names
+    assert "RandomApply" not in names  # JPEG re-encoding only when asked for
+    eval_names = [type(t).__name__ for t in eval_transform(TrainConfig()).transforms]
+    assert "CenterCrop" in eval_names and "RandomRotation" not in eval_names

@@ -1,0 +1,67 @@
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from realfake.config import SplitConfig, TrainConfig
+from realfake.metrics import compute_metrics
+from realfake.runs import create_run, epoch_rows, record_epoch
+from realfake.store import Base, EpochMetric, Run, RunStatus, make_engine, migrate, session_scope
+
+
+def test_migrations_match_the_models_and_rerun_harmlessly(db_url):
+    engine = make_engine(db_url)
+    migrate(engine)  # a second upgrade is a no-op
+    with engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert diff == []
+    engine.dispose()
+
+
+def test_run_records_its_config_and_split(factory, synthetic_data):
+    config = TrainConfig(backbone="mobilenet_v2", epochs=2)
+    with session_scope(factory) as session:
+        run_id = create_run(session, config, synthetic_data, SplitConfig(val=0.1, test=0.2, seed=5)).id
+    with session_scope(factory) as session:
+        run = session.get(Run, run_id)
+        assert run.status is RunStatus.WAITING and run.attempt == 0
+        assert TrainConfig.model_validate(run.config) == config
+        assert {k: len(v) for k, v in run.split.items()} == {"train": 140, "val": 20, "test": 40}
+
+
+def test_epoch_metrics_upsert_one_row_per_run_epoch_split(factory, synthetic_data):
+    with session_scope(factory) as session:
+        run_id = create_run(session, TrainConfig(), synthetic_data, SplitConfig()).id
+    first = compute_metrics([0, 1, 1], [0.2, 0.7, 0.4], loss=float("inf"), groups=["real", "easy", "hard"])
+    second = compute_metrics([0, 1, 1], [0.2, 0.7, 0.9], loss=0.3)
+    with session_scope(factory) as session:
+        record_epoch(session, run_id, 1, {"train": first, "val": first, "test": first})
+    with session_scope(factory) as session:
+        record_epoch(session, run_id, 1, {"train": second, "val": second, "test": second})
+    with session_scope(factory) as session:
+        rows = epoch_rows(session, run_id)
+        assert [(r.epoch, r.split) for r in rows] == [(1, "test"), (1, "train"), (1, "val")]
+        assert all(r.accuracy == 1.0 and r.loss == 0.3 and r.tp == 2 for r in rows)
+        assert session.scalar(select(func.count()).select_from(EpochMetric)) == 3
+    with session_scope(factory) as session:  # an infinite loss is stored as NULL
+        record_epoch(session, run_id, 2, {"val": first})
+    with session_scope(factory) as session:
+        row = session.scalar(select(EpochMetric).where(EpochMetric.epoch == 2))
+        assert row.loss is None and row.group_accuracy == {"easy": 1.0, "hard": 0.0, "real": 1.0}
+
+
+def test_the_unique_constraint_is_enforced_by_the_database(factory, synthetic_data):
+    with session_scope(factory) as session:
+        run_id = create_run(session, TrainConfig(), synthetic_data, SplitConfig()).id
+    row = {"run_id": run_id, "epoch": 1, "split": "val", **compute_metrics([0, 1], [0.1, 0.9]).as_dict()}
+    with session_scope(factory) as session:
+        session.execute(insert(EpochMetric), [row])
+    with pytest.raises(IntegrityError):
+        with session_scope(factory) as session:
+            session.execute(insert(EpochMetric), [row])
+
+
+def test_run_status_is_finished():
+    assert not RunStatus.WAITING.is_finished() and not RunStatus.RUNNING.is_finished()
+    assert all(s.is_finished() for s in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.PRUNED))
