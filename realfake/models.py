@@ -140,3 +140,8 @@ def build_model(config: TrainConfig) -> nn.Module:
     for stage in stages[: config.freeze]:
         stage.requires_grad_(False)
     return model
+
+
+def imagenet_weights_cached(name: str) -> bool:
+    """Whether torchvision would find the backbone's ImageNet weights without a network."""
+    return (Path(get_dir()) / "checkpoints" / Path(BACKBONES[name].imagenet.url).name).is_file()

@@ -1,0 +1,1 @@
+"""The user's command line: a thin shell over realfake."""

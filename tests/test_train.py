@@ -1,0 +1,122 @@
+"""Short real training runs on synthetic data, recorded in SQLite and PostgreSQL."""
+
+import pytest
+import torch
+
+from realfake.config import SplitConfig, TrainConfig
+from realfake.runs import SqlHooks, checkpoint_dir, create_run, epoch_rows, train_run
+from realfake.store import Run, RunStatus, session_scope
+from realfake.train import load_checkpoint, make_lr_scheduler
+
+EPOCHS = 4
+
+
+def small_config(weights, **overrides) -> TrainConfig:
+    values = dict(
+        backbone="mobilenet_v2", weights=str(weights), resize=72, image_size=64, rotation=5,
+        color_jitter=0.1, lr=1e-3, batch_size=16, epochs=EPOCHS, seed=1,
+    )
+    return TrainConfig(**(values | overrides))
+
+
+def new_run(factory, data, config) -> int:
+    with session_scope(factory) as session:
+        return create_run(session, config, data, SplitConfig(val=0.2, test=0.2, seed=0)).id
+
+
+class Recording(SqlHooks):
+    """The SQL hooks, plus a record of the epochs trained and an optional crash."""
+
+    def __init__(self, factory, run_id, crash_in_epoch=None):
+        super().__init__(factory, run_id)
+        self.crash_in_epoch = crash_in_epoch
+        self.epochs_seen = []
+
+    def on_batch(self, split, epoch, done, total):
+        if epoch not in self.epochs_seen:
+            self.epochs_seen.append(epoch)
+        if epoch == self.crash_in_epoch and done == 2:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.slow
+def test_short_run_learns_and_writes_epochs_times_three_rows(factory, synthetic_data, mobilenet_weights, tmp_path):
+    run_id = new_run(factory, synthetic_data, small_config(mobilenet_weights))
+    result = train_run(factory, run_id, tmp_path / "artifacts")
+
+    assert result.outcome == "completed"
+    with session_scope(factory) as session:
+        run = session.get(Run, run_id)
+        rows = epoch_rows(session, run_id)
+        assert run.status is RunStatus.SUCCEEDED and run.epochs_done == EPOCHS and run.attempt == 1
+        assert len(rows) == EPOCHS * 3
+        assert {(r.epoch, r.split) for r in rows} == {(e, s) for e in range(1, EPOCHS + 1) for s in ("train", "val", "test")}
+        val = {r.epoch: r for r in rows if r.split == "val"}
+        print("val accuracy per epoch", [round(val[e].accuracy, 3) for e in sorted(val)])
+        assert max(r.accuracy for r in val.values()) >= 0.9
+        assert run.best_metric == max(r.accuracy for r in val.values())
+        assert val[run.best_epoch].accuracy == run.best_metric
+        assert all(r.n == 40 and r.tp + r.fp + r.tn + r.fn == 40 for r in val.values())
+        assert set(val[EPOCHS].group_accuracy) == {"easy", "hard", "real"}
+    ckpt = checkpoint_dir(tmp_path / "artifacts", run_id)
+    last, best = load_checkpoint(ckpt / "last.pt"), load_checkpoint(ckpt / "best.pt")
+    assert last["epoch"] == EPOCHS and set(last) >= {"model", "optimizer", "lr_scheduler", "epoch", "config"}
+    assert best["epoch"] == run.best_epoch
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_at_the_next_epoch(factory, synthetic_data, mobilenet_weights, tmp_path):
+    run_id = new_run(factory, synthetic_data, small_config(mobilenet_weights))
+    artifacts = tmp_path / "artifacts"
+    crashing = Recording(factory, run_id, crash_in_epoch=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_run(factory, run_id, artifacts, hooks=crashing)
+    with session_scope(factory) as session:
+        run = session.get(Run, run_id)
+        assert run.status is RunStatus.FAILED and "simulated crash" in run.error
+        assert len(epoch_rows(session, run_id)) == 2 * 3
+    assert load_checkpoint(checkpoint_dir(artifacts, run_id) / "last.pt")["epoch"] == 2
+
+    resumed = Recording(factory, run_id)
+    result = train_run(factory, run_id, artifacts, hooks=resumed)
+
+    assert result.outcome == "completed" and resumed.epochs_seen == [3, 4]
+    with session_scope(factory) as session:
+        run = session.get(Run, run_id)
+        assert run.status is RunStatus.SUCCEEDED and run.attempt == 2 and run.error is None
+        assert len(epoch_rows(session, run_id)) == EPOCHS * 3
+
+
+@pytest.mark.slow
+def test_cancel_flag_stops_between_batches_and_keeps_rows(factory, synthetic_data, mobilenet_weights, tmp_path):
+    run_id = new_run(factory, synthetic_data, small_config(mobilenet_weights))
+
+    class CancelInEpochTwo(Recording):
+        def on_batch(self, split, epoch, done, total):
+            super().on_batch(split, epoch, done, total)
+            if epoch == 2 and done == 1:
+                with session_scope(self.factory) as session:
+                    session.get(Run, self.run_id).cancel_requested = True
+                self._next_poll = 0.0  # read the flag at the next batch
+
+    hooks = CancelInEpochTwo(factory, run_id)
+    result = train_run(factory, run_id, tmp_path / "artifacts", hooks=hooks)
+
+    assert result.outcome == "stopped" and result.epochs_done == 1
+    with session_scope(factory) as session:
+        assert session.get(Run, run_id).status is RunStatus.CANCELLED
+        assert len(epoch_rows(session, run_id)) == 3
+
+
+def test_cosine_schedule_with_warmup():
+    config = TrainConfig(lr=1.0, epochs=5, warmup_epochs=1, lr_schedule="cosine")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    scheduler = make_lr_scheduler(optimizer, config)
+    rates = []
+    for _ in range(config.epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.5)  # warm-up
+    assert rates[1] == pytest.approx(1.0)
+    assert rates[1] > rates[2] > rates[3] > rates[4] > 0
