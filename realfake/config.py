@@ -110,6 +110,8 @@ class Settings:
     broker_url: str
     artifacts: Path
     data_roots: tuple[Path, ...]
+    heartbeat_s: float = 10.0  # how often a training worker stamps its lease
+    lease_grace_s: float = 120.0  # a lease this long without a heartbeat is taken over
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -121,4 +123,6 @@ class Settings:
         roots = tuple(
             Path(p).absolute() for p in env.get("REALFAKE_DATA_ROOTS", "").split(":") if p
         )
-        return cls(home, database_url, broker_url, artifacts, roots)
+        heartbeat_s = float(env.get("REALFAKE_HEARTBEAT_S", 10))
+        grace_s = float(env.get("REALFAKE_LEASE_GRACE_S", 120))
+        return cls(home, database_url, broker_url, artifacts, roots, heartbeat_s, grace_s)

@@ -1,16 +1,24 @@
-"""Runs in SQL: create one with its recorded split, train it, and write its per-epoch rows.
+"""Runs in SQL: create one with its recorded split, lease it, train it, write its rows.
 
-The thin shells (worker tasks, scheduler commands) call these; they take a session factory
-and ids, never ORM objects from another session.
+Who trains a run is decided here, not by the broker: a message may arrive twice, late, or
+after a crash. `claim_run` is a compare-and-set on the run row (WAITING, or RUNNING with a
+stale heartbeat, becomes RUNNING with attempt + 1); a heartbeat thread stamps the lease
+with the database clock; every later write is fenced by the attempt number, so a worker
+that lost its lease can no longer change the run.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select, update
+import torch
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from realfake.config import SplitConfig, TrainConfig
@@ -21,9 +29,23 @@ from realfake.train import BestSoFar, FitResult, TrainHooks, fit
 
 log = logging.getLogger(__name__)
 
+# Asked after each epoch whether the run should stop early (the sweep's pruner).
+PruneHook = Callable[[Session, int, int, dict[str, Metrics]], bool]
+
 
 class RunNotFound(LookupError):
     pass
+
+
+class LeaseLost(RuntimeError):
+    """Another worker took the run over; this one must stop writing."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    run_id: int
+    worker: str
+    attempt: int
 
 
 def create_run(
@@ -33,6 +55,7 @@ def create_run(
     split: SplitConfig,
     sweep_id: int | None = None,
     split_parts: dict | None = None,
+    max_attempts: int = 3,
 ) -> Run:
     """Add a WAITING run with its split recorded (computed here unless given)."""
     root = Path(data_root).absolute()
@@ -44,16 +67,20 @@ def create_run(
         data_root=str(root),
         split=split_parts,
         status=RunStatus.WAITING,
+        max_attempts=max_attempts,
     )
     session.add(run)
     session.flush()
     return run
 
 
-def record_epoch(session: Session, run_id: int, epoch: int, metrics: dict[str, Metrics]) -> None:
+def record_epoch(
+    session: Session, run_id: int, epoch: int, metrics: dict[str, Metrics], attempt: int = 1
+) -> None:
     """Upsert one row per split: a repeated epoch overwrites, never duplicates."""
     rows = [
-        {"run_id": run_id, "epoch": epoch, "split": split, **m.as_dict()} for split, m in metrics.items()
+        {"run_id": run_id, "epoch": epoch, "split": split, "attempt": attempt, **m.as_dict()}
+        for split, m in metrics.items()
     ]
     upsert(session, EpochMetric, rows, keys=("run_id", "epoch", "split"))
 
@@ -66,17 +93,167 @@ def epoch_rows(session: Session, run_id: int) -> list[EpochMetric]:
     )
 
 
-class SqlHooks(TrainHooks):
-    """Persists each epoch and reads the run's cancel flag (at most every `poll_s` seconds)."""
+def checkpoint_dir(artifacts: Path | str, run_id: int) -> Path:
+    return Path(artifacts) / "runs" / str(run_id)
 
-    def __init__(self, factory: sessionmaker[Session], run_id: int, poll_s: float = 2.0):
+
+def _stale(cutoff) -> object:
+    return and_(Run.status == RunStatus.RUNNING, or_(Run.heartbeat_at.is_(None), Run.heartbeat_at < cutoff))
+
+
+def _cutoff(session: Session, grace_s: float):
+    """Now minus the grace period, by the database's clock (workers' clocks may differ)."""
+    return session.scalar(select(func.now())) - timedelta(seconds=grace_s)
+
+
+def _held_by(lease: Lease):
+    return and_(Run.id == lease.run_id, Run.attempt == lease.attempt, Run.status == RunStatus.RUNNING)
+
+
+def claim_run(
+    factory: sessionmaker[Session], run_id: int, worker: str, artifacts: Path | str, grace_s: float
+) -> Lease | None:
+    """Take the run if it is waiting, or running under a stale lease; None if it is not ours."""
+    with session_scope(factory) as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise RunNotFound(f"run {run_id} does not exist")
+        if run.cancel_requested and run.status is RunStatus.WAITING:
+            run.status, run.finished_at = RunStatus.CANCELLED, func.now()
+            return None
+        cutoff = _cutoff(session, grace_s)
+        claimed = session.execute(
+            update(Run)
+            .where(
+                Run.id == run_id,
+                Run.attempt < Run.max_attempts,
+                or_(Run.status == RunStatus.WAITING, _stale(cutoff)),
+            )
+            .values(
+                status=RunStatus.RUNNING,
+                attempt=Run.attempt + 1,
+                worker=worker,
+                heartbeat_at=func.now(),
+                started_at=func.coalesce(Run.started_at, func.now()),
+                checkpoint_dir=str(checkpoint_dir(artifacts, run_id)),
+                error=None,
+            )
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if not claimed:
+            _fail_if_out_of_attempts(session, run_id, cutoff)
+            return None
+        attempt = session.scalar(select(Run.attempt).where(Run.id == run_id))
+    log.info("run %d claimed by %s (attempt %d)", run_id, worker, attempt)
+    return Lease(run_id, worker, attempt)
+
+
+def _fail_if_out_of_attempts(session: Session, run_id: int, cutoff) -> bool:
+    worker, attempt = session.execute(select(Run.worker, Run.attempt).where(Run.id == run_id)).one()
+    failed = session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.attempt >= Run.max_attempts, _stale(cutoff))
+        .values(
+            status=RunStatus.FAILED,
+            finished_at=func.now(),
+            error=f"worker lost on each of {attempt} attempts (last: {worker}); not retried again",
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    return bool(failed)
+
+
+def requeue_stale_runs(factory: sessionmaker[Session], grace_s: float) -> list[int]:
+    """Runs whose worker went silent: back to WAITING (for the caller to enqueue) or FAILED.
+
+    Each transition is a compare-and-set, so when several workers sweep at once only one
+    of them requeues a given run.
+    """
+    requeued = []
+    with session_scope(factory) as session:
+        cutoff = _cutoff(session, grace_s)
+        stale = session.execute(select(Run.id, Run.attempt).where(_stale(cutoff))).all()
+        for run_id, attempt in stale:
+            if _fail_if_out_of_attempts(session, run_id, cutoff):
+                log.warning("run %d failed: its worker was lost %d times", run_id, attempt)
+                continue
+            moved = session.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.attempt == attempt, _stale(cutoff))
+                .values(status=RunStatus.WAITING, worker=None)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if moved:
+                log.warning("run %d: worker lost during attempt %d, requeued", run_id, attempt)
+                requeued.append(run_id)
+    return requeued
+
+
+def finish_run(
+    factory: sessionmaker[Session], lease: Lease, status: RunStatus, error: str | None = None
+) -> bool:
+    """Record the end of the attempt; False if the lease had already been lost."""
+    with session_scope(factory) as session:
+        return bool(
+            session.execute(
+                update(Run)
+                .where(_held_by(lease))
+                .values(status=status, error=error, finished_at=func.now(), heartbeat_at=func.now())
+                .execution_options(synchronize_session=False)
+            ).rowcount
+        )
+
+
+class Heartbeat(threading.Thread):
+    """Stamps the lease every `interval_s`; notices when the lease was taken away."""
+
+    def __init__(self, factory: sessionmaker[Session], lease: Lease, interval_s: float):
+        super().__init__(name=f"heartbeat-run-{lease.run_id}", daemon=True)
+        self.factory, self.lease, self.interval_s = factory, lease, interval_s
+        self.lost = threading.Event()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            try:
+                with session_scope(self.factory) as session:
+                    beat = session.execute(
+                        update(Run).where(_held_by(self.lease)).values(heartbeat_at=func.now())
+                        .execution_options(synchronize_session=False)
+                    ).rowcount
+            except Exception:  # a database blip: try again at the next beat
+                log.exception("heartbeat of run %d failed", self.lease.run_id)
+                continue
+            if not beat:
+                self.lost.set()
+                return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+class SqlHooks(TrainHooks):
+    """Persists each epoch (fenced by the lease), reads the cancel flag, asks the pruner."""
+
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        run_id: int,
+        poll_s: float = 2.0,
+        prune: PruneHook | None = None,
+    ):
         self.factory = factory
         self.run_id = run_id
         self.poll_s = poll_s
+        self.prune = prune
+        self.lease: Lease | None = None
+        self.heartbeat: Heartbeat | None = None
         self._next_poll = 0.0
         self._cancelled = False
 
     def should_stop(self) -> bool:
+        if self.heartbeat is not None and self.heartbeat.lost.is_set():
+            return True
         now = time.monotonic()
         if not self._cancelled and now >= self._next_poll:
             self._next_poll = now + self.poll_s
@@ -87,26 +264,33 @@ class SqlHooks(TrainHooks):
         return self._cancelled
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Metrics], best: BestSoFar) -> bool:
+        where = _held_by(self.lease) if self.lease else Run.id == self.run_id
+        attempt = self.lease.attempt if self.lease else 1
         with session_scope(self.factory) as session:
-            record_epoch(session, self.run_id, epoch, metrics)
-            session.execute(
+            held = session.execute(
                 update(Run)
-                .where(Run.id == self.run_id)
+                .where(where)
                 .values(epochs_done=epoch, best_epoch=best.epoch, best_metric=best.value, heartbeat_at=func.now())
-            )
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if not held:
+                raise LeaseLost(f"run {self.run_id} was taken over by another worker")
+            record_epoch(session, self.run_id, epoch, metrics, attempt)
+            keep_going = not (self.prune and self.prune(session, self.run_id, epoch, metrics))
         val = metrics.get("val")
         log.info(
             "run %d epoch %d: train acc %.3f, val acc %s",
-            self.run_id,
-            epoch,
-            metrics["train"].accuracy,
-            f"{val.accuracy:.3f}" if val else "-",
+            self.run_id, epoch, metrics["train"].accuracy, f"{val.accuracy:.3f}" if val else "-",
         )
-        return True
+        return keep_going
 
 
-def checkpoint_dir(artifacts: Path | str, run_id: int) -> Path:
-    return Path(artifacts) / "runs" / str(run_id)
+def _oom_message(error: BaseException, config: TrainConfig) -> str:
+    return (
+        f"out of memory ({error.__class__.__name__}) at batch_size {config.batch_size}, "
+        f"image_size {config.image_size}, backbone {config.backbone}: lower batch_size or "
+        f"image_size, or use a GPU with more memory"
+    )
 
 
 def train_run(
@@ -114,31 +298,56 @@ def train_run(
     run_id: int,
     artifacts: Path | str,
     worker: str = "local",
-    hooks: TrainHooks | None = None,
-) -> FitResult:
-    """Train a run to its end in this process, recording status, rows and checkpoints in SQL."""
+    hooks: SqlHooks | None = None,
+    grace_s: float = 120.0,
+    heartbeat_s: float = 10.0,
+) -> FitResult | None:
+    """Claim a run and train it to its end in this process; None if it was not ours to train.
+
+    Succeeded, cancelled and pruned runs end so; an exception fails the run with its
+    message (an out-of-memory error included, rather than retrying into it again). A crash
+    of the process leaves the run RUNNING until its heartbeat goes stale and it is taken over.
+    """
+    lease = claim_run(factory, run_id, worker, artifacts, grace_s)
+    if lease is None:
+        return None
+    with session_scope(factory) as session:
+        run = session.get(Run, run_id)
+        config = TrainConfig.model_validate(run.config)
+        data_root, split = run.data_root, samples_from_json(run.split)
+    hooks = hooks or SqlHooks(factory, run_id)
+    hooks.lease = lease
+    hooks.heartbeat = Heartbeat(factory, lease, heartbeat_s)
+    hooks.heartbeat.start()
+    try:
+        result = fit(config, data_root, split, checkpoint_dir(artifacts, run_id), hooks)
+    except LeaseLost:
+        log.warning("run %d: lease lost, leaving it to its new worker", run_id)
+        return None
+    except torch.OutOfMemoryError as error:
+        finish_run(factory, lease, RunStatus.FAILED, _oom_message(error, config))
+        return None
+    except Exception as error:
+        finish_run(factory, lease, RunStatus.FAILED, f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        hooks.heartbeat.stop()
+    if result.outcome == "stopped" and hooks.heartbeat.lost.is_set():
+        log.warning("run %d: lease lost, leaving it to its new worker", run_id)
+        return None
+    status = {"completed": RunStatus.SUCCEEDED, "stopped": RunStatus.CANCELLED, "pruned": RunStatus.PRUNED}
+    finish_run(factory, lease, status[result.outcome])
+    return result
+
+
+def request_cancel(factory: sessionmaker[Session], run_id: int) -> RunStatus:
+    """Set the cancel flag (checked between batches); a waiting run is cancelled at once."""
     with session_scope(factory) as session:
         run = session.get(Run, run_id)
         if run is None:
             raise RunNotFound(f"run {run_id} does not exist")
-        config = TrainConfig.model_validate(run.config)
-        data_root, split = run.data_root, samples_from_json(run.split)
-        ckpt = checkpoint_dir(artifacts, run_id)
-        run.status, run.worker, run.attempt = RunStatus.RUNNING, worker, run.attempt + 1
-        run.started_at = run.started_at or func.now()
-        run.heartbeat_at, run.checkpoint_dir, run.error = func.now(), str(ckpt), None
-    try:
-        result = fit(config, data_root, split, ckpt, hooks or SqlHooks(factory, run_id))
-    except Exception as error:
-        finish_run(factory, run_id, RunStatus.FAILED, f"{type(error).__name__}: {error}")
-        raise
-    status = {"completed": RunStatus.SUCCEEDED, "stopped": RunStatus.CANCELLED, "pruned": RunStatus.PRUNED}
-    finish_run(factory, run_id, status[result.outcome])
-    return result
-
-
-def finish_run(factory: sessionmaker[Session], run_id: int, status: RunStatus, error: str | None = None) -> None:
-    with session_scope(factory) as session:
-        session.execute(
-            update(Run).where(Run.id == run_id).values(status=status, error=error, finished_at=func.now())
-        )
+        if not run.status.is_finished():
+            run.cancel_requested = True
+            if run.status is RunStatus.WAITING:
+                run.status, run.finished_at = RunStatus.CANCELLED, func.now()
+        return run.status

@@ -24,6 +24,10 @@ def new_run(factory, data, config) -> int:
         return create_run(session, config, data, SplitConfig(val=0.2, test=0.2, seed=0)).id
 
 
+class Crash(BaseException):
+    """Like a killed process: not an error the run could record."""
+
+
 class Recording(SqlHooks):
     """The SQL hooks, plus a record of the epochs trained and an optional crash."""
 
@@ -36,7 +40,7 @@ class Recording(SqlHooks):
         if epoch not in self.epochs_seen:
             self.epochs_seen.append(epoch)
         if epoch == self.crash_in_epoch and done == 2:
-            raise RuntimeError("simulated crash")
+            raise Crash("simulated crash")
 
 
 @pytest.mark.slow
@@ -69,22 +73,42 @@ def test_interrupted_run_resumes_at_the_next_epoch(factory, synthetic_data, mobi
     run_id = new_run(factory, synthetic_data, small_config(mobilenet_weights))
     artifacts = tmp_path / "artifacts"
     crashing = Recording(factory, run_id, crash_in_epoch=3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(Crash):
         train_run(factory, run_id, artifacts, hooks=crashing)
     with session_scope(factory) as session:
         run = session.get(Run, run_id)
-        assert run.status is RunStatus.FAILED and "simulated crash" in run.error
+        assert run.status is RunStatus.RUNNING and run.attempt == 1  # left for a takeover
         assert len(epoch_rows(session, run_id)) == 2 * 3
     assert load_checkpoint(checkpoint_dir(artifacts, run_id) / "last.pt")["epoch"] == 2
 
     resumed = Recording(factory, run_id)
-    result = train_run(factory, run_id, artifacts, hooks=resumed)
+    assert train_run(factory, run_id, artifacts, hooks=resumed, grace_s=60) is None  # lease still fresh
+    result = train_run(factory, run_id, artifacts, hooks=resumed, grace_s=0)
 
     assert result.outcome == "completed" and resumed.epochs_seen == [3, 4]
     with session_scope(factory) as session:
         run = session.get(Run, run_id)
         assert run.status is RunStatus.SUCCEEDED and run.attempt == 2 and run.error is None
-        assert len(epoch_rows(session, run_id)) == EPOCHS * 3
+        rows = epoch_rows(session, run_id)
+        assert len(rows) == EPOCHS * 3
+        assert {r.epoch: r.attempt for r in rows} == {1: 1, 2: 1, 3: 2, 4: 2}
+
+
+@pytest.mark.slow
+def test_an_error_in_training_fails_the_run_with_its_message(factory, synthetic_data, mobilenet_weights, tmp_path):
+    run_id = new_run(factory, synthetic_data, small_config(mobilenet_weights))
+
+    class Broken(Recording):
+        def on_batch(self, split, epoch, done, total):
+            if split == "val":
+                raise ValueError("bad batch")
+
+    with pytest.raises(ValueError):
+        train_run(factory, run_id, tmp_path / "artifacts", hooks=Broken(factory, run_id))
+    with session_scope(factory) as session:
+        run = session.get(Run, run_id)
+        assert run.status is RunStatus.FAILED and run.error == "ValueError: bad batch"
+    assert train_run(factory, run_id, tmp_path / "artifacts", grace_s=0) is None  # finished: left alone
 
 
 @pytest.mark.slow

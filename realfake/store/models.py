@@ -119,6 +119,7 @@ class EpochMetric(Base):
     tn: Mapped[int] = mapped_column(Integer)
     fn: Mapped[int] = mapped_column(Integer)
     group_accuracy: Mapped[dict] = mapped_column(JSON, default=dict)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)  # which attempt of the run wrote it
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     run: Mapped[Run] = relationship(back_populates="epochs")

@@ -68,6 +68,7 @@ def upgrade() -> None:
     sa.Column('tn', sa.Integer(), nullable=False),
     sa.Column('fn', sa.Integer(), nullable=False),
     sa.Column('group_accuracy', sa.JSON(), nullable=False),
+    sa.Column('attempt', sa.Integer(), nullable=False),
     sa.Column('recorded_at', sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
     sa.ForeignKeyConstraint(['run_id'], ['runs.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),

@@ -1,0 +1,112 @@
+"""The lease that decides who trains a run, on SQLite and PostgreSQL, without training."""
+
+import time
+
+import pytest
+from sqlalchemy import update
+
+from realfake.config import SplitConfig, TrainConfig
+from realfake.metrics import compute_metrics
+from realfake.runs import (
+    Heartbeat,
+    LeaseLost,
+    SqlHooks,
+    claim_run,
+    create_run,
+    finish_run,
+    request_cancel,
+    requeue_stale_runs,
+)
+from realfake.store import Run, RunStatus, session_scope
+from realfake.train import BestSoFar
+
+
+@pytest.fixture
+def run_id(factory, synthetic_data):
+    with session_scope(factory) as session:
+        return create_run(session, TrainConfig(), synthetic_data, SplitConfig(), max_attempts=2).id
+
+
+def _age_heartbeat(factory, run_id, seconds_ago=3600):
+    from datetime import datetime, timedelta, timezone
+
+    with session_scope(factory) as session:
+        session.execute(
+            update(Run).where(Run.id == run_id)
+            .values(heartbeat_at=datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(seconds=seconds_ago))
+        )
+
+
+def test_only_one_claim_wins(factory, run_id, tmp_path):
+    first = claim_run(factory, run_id, "w1", tmp_path, grace_s=60)
+    assert first is not None and first.attempt == 1
+    assert claim_run(factory, run_id, "w2", tmp_path, grace_s=60) is None  # live lease
+    with session_scope(factory) as session:
+        run = session.get(Run, run_id)
+        assert (run.status, run.worker, run.attempt) == (RunStatus.RUNNING, "w1", 1)
+
+
+def test_a_stale_lease_is_taken_over_then_attempts_run_out(factory, run_id, tmp_path):
+    first = claim_run(factory, run_id, "w1", tmp_path, grace_s=60)
+    _age_heartbeat(factory, run_id)
+    second = claim_run(factory, run_id, "w2", tmp_path, grace_s=60)
+    assert second is not None and second.attempt == 2
+    assert not finish_run(factory, first, RunStatus.SUCCEEDED)  # fenced: w1 lost the lease
+    _age_heartbeat(factory, run_id)
+    assert claim_run(factory, run_id, "w3", tmp_path, grace_s=60) is None  # max_attempts = 2
+    with session_scope(factory) as session:
+        run = session.get(Run, run_id)
+        assert run.status is RunStatus.FAILED and "worker lost on each of 2 attempts (last: w2)" in run.error
+
+
+def test_requeue_moves_stale_runs_back_to_waiting_once(factory, run_id, tmp_path):
+    claim_run(factory, run_id, "w1", tmp_path, grace_s=60)
+    assert requeue_stale_runs(factory, grace_s=60) == []
+    _age_heartbeat(factory, run_id)
+    assert requeue_stale_runs(factory, grace_s=60) == [run_id]
+    assert requeue_stale_runs(factory, grace_s=60) == []
+    with session_scope(factory) as session:
+        run = session.get(Run, run_id)
+        assert run.status is RunStatus.WAITING and run.worker is None and run.attempt == 1
+    assert claim_run(factory, run_id, "w2", tmp_path, grace_s=60).attempt == 2
+
+
+def test_finished_runs_are_left_alone(factory, run_id, tmp_path):
+    lease = claim_run(factory, run_id, "w1", tmp_path, grace_s=60)
+    assert finish_run(factory, lease, RunStatus.SUCCEEDED)
+    _age_heartbeat(factory, run_id)
+    assert claim_run(factory, run_id, "w2", tmp_path, grace_s=0) is None
+    assert requeue_stale_runs(factory, grace_s=0) == []
+
+
+def test_heartbeat_stamps_and_notices_a_lost_lease(factory, run_id, tmp_path):
+    lease = claim_run(factory, run_id, "w1", tmp_path, grace_s=60)
+    _age_heartbeat(factory, run_id)
+    beat = Heartbeat(factory, lease, interval_s=0.1)
+    beat.start()
+    time.sleep(0.5)
+    assert requeue_stale_runs(factory, grace_s=60) == []  # freshly stamped
+    with session_scope(factory) as session:
+        session.get(Run, run_id).attempt = 5  # someone else's attempt now
+    assert beat.lost.wait(5)
+    beat.stop()
+
+
+def test_epoch_writes_are_fenced_by_the_lease(factory, run_id, tmp_path):
+    lease = claim_run(factory, run_id, "w1", tmp_path, grace_s=60)
+    hooks = SqlHooks(factory, run_id)
+    hooks.lease = lease
+    m = compute_metrics([0, 1], [0.2, 0.8])
+    assert hooks.on_epoch_end(1, {"train": m, "val": m}, BestSoFar(1, 1.0))
+    _age_heartbeat(factory, run_id)
+    claim_run(factory, run_id, "w2", tmp_path, grace_s=60)
+    with pytest.raises(LeaseLost):
+        hooks.on_epoch_end(2, {"train": m, "val": m}, BestSoFar(1, 1.0))
+    with session_scope(factory) as session:
+        run = session.get(Run, run_id)
+        assert run.epochs_done == 1 and len(run.epochs) == 2
+
+
+def test_cancel_of_a_waiting_run_is_immediate(factory, run_id, tmp_path):
+    assert request_cancel(factory, run_id) is RunStatus.CANCELLED
+    assert claim_run(factory, run_id, "w1", tmp_path, grace_s=60) is None
