@@ -21,7 +21,13 @@ import torch
 from torch import nn
 
 from realfake.config import SplitConfig, TrainConfig
-from realfake.data import FaceDataset, discover, eval_transform, stratified_split, train_transform
+from realfake.data import (
+    FaceDataset,
+    discover,
+    eval_transform,
+    stratified_split,
+    train_transform,
+)
 from realfake.models import build_model, imagenet_weights_cached
 from realfake.runs import SqlHooks, create_run, train_run
 from realfake.store import make_engine, migrate, session_factory, session_scope

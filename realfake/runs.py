@@ -10,6 +10,7 @@ that lost its lease can no longer change the run.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -93,8 +94,9 @@ def epoch_rows(session: Session, run_id: int) -> list[EpochMetric]:
     )
 
 
-def checkpoint_dir(artifacts: Path | str, run_id: int) -> Path:
-    return Path(artifacts) / "runs" / str(run_id)
+def new_checkpoint_dir(artifacts: Path | str, run_id: int) -> Path:
+    """A folder no other run uses, even if ids restart in a fresh database over old artifacts."""
+    return Path(artifacts) / "runs" / f"{run_id}-{secrets.token_hex(4)}"
 
 
 def _stale(cutoff) -> object:
@@ -135,7 +137,7 @@ def claim_run(
                 worker=worker,
                 heartbeat_at=func.now(),
                 started_at=func.coalesce(Run.started_at, func.now()),
-                checkpoint_dir=str(checkpoint_dir(artifacts, run_id)),
+                checkpoint_dir=func.coalesce(Run.checkpoint_dir, str(new_checkpoint_dir(artifacts, run_id))),
                 error=None,
             )
             .execution_options(synchronize_session=False)
@@ -314,13 +316,13 @@ def train_run(
     with session_scope(factory) as session:
         run = session.get(Run, run_id)
         config = TrainConfig.model_validate(run.config)
-        data_root, split = run.data_root, samples_from_json(run.split)
+        data_root, split, ckpt = run.data_root, samples_from_json(run.split), Path(run.checkpoint_dir)
     hooks = hooks or SqlHooks(factory, run_id)
     hooks.lease = lease
     hooks.heartbeat = Heartbeat(factory, lease, heartbeat_s)
     hooks.heartbeat.start()
     try:
-        result = fit(config, data_root, split, checkpoint_dir(artifacts, run_id), hooks)
+        result = fit(config, data_root, split, ckpt, hooks)
     except LeaseLost:
         log.warning("run %d: lease lost, leaving it to its new worker", run_id)
         return None

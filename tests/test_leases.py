@@ -16,6 +16,7 @@ from realfake.runs import (
     finish_run,
     request_cancel,
     requeue_stale_runs,
+    train_run,
 )
 from realfake.store import Run, RunStatus, session_scope
 from realfake.train import BestSoFar
@@ -110,3 +111,17 @@ def test_epoch_writes_are_fenced_by_the_lease(factory, run_id, tmp_path):
 def test_cancel_of_a_waiting_run_is_immediate(factory, run_id, tmp_path):
     assert request_cancel(factory, run_id) is RunStatus.CANCELLED
     assert claim_run(factory, run_id, "w1", tmp_path, grace_s=60) is None
+
+
+def test_out_of_memory_fails_the_run_with_a_clear_message(factory, run_id, tmp_path, monkeypatch):
+    import torch
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("realfake.runs.fit", out_of_memory)
+    assert train_run(factory, run_id, tmp_path) is None  # not raised: the task must not loop on it
+    with session_scope(factory) as session:
+        run = session.get(Run, run_id)
+        assert run.status is RunStatus.FAILED
+        assert run.error.startswith("out of memory") and "lower batch_size" in run.error

@@ -7,7 +7,15 @@ from sqlalchemy.exc import IntegrityError
 from realfake.config import SplitConfig, TrainConfig
 from realfake.metrics import compute_metrics
 from realfake.runs import create_run, epoch_rows, record_epoch
-from realfake.store import Base, EpochMetric, Run, RunStatus, make_engine, migrate, session_scope
+from realfake.store import (
+    Base,
+    EpochMetric,
+    Run,
+    RunStatus,
+    make_engine,
+    migrate,
+    session_scope,
+)
 
 
 def test_migrations_match_the_models_and_rerun_harmlessly(db_url):

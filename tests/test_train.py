@@ -1,10 +1,12 @@
 """Short real training runs on synthetic data, recorded in SQLite and PostgreSQL."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from realfake.config import SplitConfig, TrainConfig
-from realfake.runs import SqlHooks, checkpoint_dir, create_run, epoch_rows, train_run
+from realfake.runs import SqlHooks, create_run, epoch_rows, train_run
 from realfake.store import Run, RunStatus, session_scope
 from realfake.train import load_checkpoint, make_lr_scheduler
 
@@ -62,7 +64,8 @@ def test_short_run_learns_and_writes_epochs_times_three_rows(factory, synthetic_
         assert val[run.best_epoch].accuracy == run.best_metric
         assert all(r.n == 40 and r.tp + r.fp + r.tn + r.fn == 40 for r in val.values())
         assert set(val[EPOCHS].group_accuracy) == {"easy", "hard", "real"}
-    ckpt = checkpoint_dir(tmp_path / "artifacts", run_id)
+    ckpt = Path(run.checkpoint_dir)
+    assert ckpt.parent == tmp_path / "artifacts" / "runs"
     last, best = load_checkpoint(ckpt / "last.pt"), load_checkpoint(ckpt / "best.pt")
     assert last["epoch"] == EPOCHS and set(last) >= {"model", "optimizer", "lr_scheduler", "epoch", "config"}
     assert best["epoch"] == run.best_epoch
@@ -79,7 +82,8 @@ def test_interrupted_run_resumes_at_the_next_epoch(factory, synthetic_data, mobi
         run = session.get(Run, run_id)
         assert run.status is RunStatus.RUNNING and run.attempt == 1  # left for a takeover
         assert len(epoch_rows(session, run_id)) == 2 * 3
-    assert load_checkpoint(checkpoint_dir(artifacts, run_id) / "last.pt")["epoch"] == 2
+        ckpt = Path(run.checkpoint_dir)
+    assert load_checkpoint(ckpt / "last.pt")["epoch"] == 2
 
     resumed = Recording(factory, run_id)
     assert train_run(factory, run_id, artifacts, hooks=resumed, grace_s=60) is None  # lease still fresh

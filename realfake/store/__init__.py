@@ -10,7 +10,13 @@ from realfake.store.models import (
     ScoringJob,
     Sweep,
 )
-from realfake.store.session import make_engine, migrate, session_factory, session_scope, upsert
+from realfake.store.session import (
+    make_engine,
+    migrate,
+    session_factory,
+    session_scope,
+    upsert,
+)
 
 __all__ = [
     "Base",

@@ -1,0 +1,198 @@
+"""Bulk scoring: a folder becomes a job of shards; each shard writes one row per file.
+
+A shard never fails because of one file: an unreadable image, or a path that leads out
+of the data roots, is a row with an error. Rows are upserted on (job, path), so a shard
+that is delivered twice or retried never duplicates them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from PIL import Image
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+from torch import nn
+
+from realfake.config import TrainConfig
+from realfake.data import IMAGE_SUFFIXES, ensure_inside, eval_transform, load_rgb
+from realfake.models import build_model
+from realfake.runs import RunNotFound
+from realfake.store import JobStatus, Prediction, Run, ScoringJob, session_scope, upsert
+from realfake.train import Runtime, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+# An image over PIL's pixel limit is refused, not decoded (decompression bombs).
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+class ScoringError(ValueError):
+    """The job cannot be created; the message says why."""
+
+
+def list_files(folder: Path) -> list[str]:
+    """Every image-named entry under `folder` (symlinks too: each gets a row), relative, sorted."""
+    found = []
+    for path in folder.rglob("*"):
+        if path.suffix.lower() in IMAGE_SUFFIXES and (path.is_symlink() or path.is_file()):
+            found.append(path.relative_to(folder).as_posix())
+    return sorted(found)
+
+
+def model_checkpoint(run: Run) -> Path:
+    """The run's best checkpoint, or its last one if it never improved."""
+    if not run.checkpoint_dir:
+        raise ScoringError(f"run {run.id} has no checkpoint: it has not trained yet")
+    for name in ("best.pt", "last.pt"):
+        path = Path(run.checkpoint_dir) / name
+        if path.is_file():
+            return path
+    raise ScoringError(f"run {run.id} has no checkpoint in {run.checkpoint_dir}")
+
+
+def create_scoring_job(
+    session: Session,
+    run_id: int,
+    folder: Path | str,
+    batch_size: int = 64,
+    shard_size: int = 256,
+    roots: Sequence[Path] = (),
+) -> ScoringJob:
+    folder = Path(folder).absolute()
+    if not folder.is_dir():
+        raise ScoringError(f"folder {folder} does not exist or is not a folder")
+    if roots:
+        ensure_inside(folder, roots)
+    run = session.get(Run, run_id)
+    if run is None:
+        raise RunNotFound(f"run {run_id} does not exist")
+    model_checkpoint(run)
+    files = list_files(folder)
+    shards = [files[i : i + shard_size] for i in range(0, len(files), shard_size)]
+    job = ScoringJob(
+        run_id=run_id,
+        folder=str(folder),
+        n_files=len(files),
+        n_shards=len(shards),
+        batch_size=batch_size,
+        shards=shards,
+        status=JobStatus.DONE if not files else JobStatus.WAITING,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+class ModelCache:
+    """Models loaded in this process, keyed by checkpoint file and its modification time."""
+
+    def __init__(self, capacity: int = 2):
+        self.capacity = capacity
+        self._models: dict[tuple[str, int], tuple[nn.Module, TrainConfig, Runtime]] = {}
+
+    def get(self, path: Path) -> tuple[nn.Module, TrainConfig, Runtime]:
+        key = (str(path), path.stat().st_mtime_ns)
+        if key not in self._models:
+            checkpoint = load_checkpoint(path)
+            # the checkpoint carries the weights: build the architecture only
+            config = TrainConfig.model_validate(checkpoint["config"] | {"weights": "none"})
+            runtime = Runtime.for_config(config)
+            model = build_model(config)
+            model.load_state_dict(checkpoint["model"])
+            model.eval().to(runtime.device)
+            if runtime.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            while len(self._models) >= self.capacity:
+                self._models.pop(next(iter(self._models)))
+            self._models[key] = (model, config, runtime)
+        return self._models[key]
+
+
+def _decode(folder: Path, rel: str, roots: Sequence[Path], transform) -> tuple[torch.Tensor | None, str | None]:
+    try:
+        path = ensure_inside(folder / rel, roots)
+        return transform(load_rgb(path)), None
+    except Exception as error:  # any unreadable file is a row with its error, not a failed shard
+        return None, f"{type(error).__name__}: {error}"
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def score_shard(
+    factory: sessionmaker[Session],
+    job_id: int,
+    shard: int,
+    roots: Sequence[Path] = (),
+    cache: ModelCache | None = None,
+    threads: int | None = None,
+) -> int:
+    """Score one shard of a job; returns the number of rows written."""
+    cache = cache or ModelCache()
+    with session_scope(factory) as session:
+        job = session.get(ScoringJob, job_id)
+        if job is None:
+            raise LookupError(f"scoring job {job_id} does not exist")
+        if not 0 <= shard < job.n_shards:
+            raise LookupError(f"scoring job {job_id} has no shard {shard}")
+        files, folder, batch_size = job.shards[shard], Path(job.folder), job.batch_size
+        checkpoint = model_checkpoint(session.get(Run, job.run_id))
+        if job.status is JobStatus.WAITING:
+            job.status = JobStatus.RUNNING
+    model, config, runtime = cache.get(checkpoint)
+    transform = eval_transform(config)
+    allowed = list(roots) or [folder]
+    rows = []
+    threads = threads or min(8, (os.cpu_count() or 2) * 2)
+    with ThreadPoolExecutor(threads) as pool:
+        decoded = pool.map(lambda rel: (rel, *_decode(folder, rel, allowed, transform)), files)
+        for batch in _batches(decoded, batch_size):
+            good = [(rel, tensor) for rel, tensor, _ in batch if tensor is not None]
+            p_fake: dict[str, float] = {}
+            if good:
+                images = runtime.to_device(torch.stack([t for _, t in good]))
+                with torch.inference_mode(), runtime.autocast():
+                    logits = model(images)
+                probabilities = torch.softmax(logits.float(), dim=1)[:, 1].cpu().tolist()
+                p_fake = {rel: p for (rel, _), p in zip(good, probabilities)}
+            for rel, _, error in batch:
+                p = p_fake.get(rel)
+                rows.append(
+                    {"job_id": job_id, "shard": shard, "path": rel, "p_fake": p, "error": error,
+                     "label": None if p is None else ("fake" if p >= 0.5 else "real")}
+                )
+    with session_scope(factory) as session:
+        upsert(session, Prediction, rows, keys=("job_id", "path"))
+        done = session.scalar(select(func.count()).select_from(Prediction).where(Prediction.job_id == job_id))
+        session.execute(
+            update(ScoringJob)
+            .where(ScoringJob.id == job_id, ScoringJob.n_files <= done, ScoringJob.status != JobStatus.DONE)
+            .values(status=JobStatus.DONE, finished_at=func.now())
+            .execution_options(synchronize_session=False)
+        )
+    log.info("job %d shard %d: %d rows, %d errors", job_id, shard, len(rows), sum(r["error"] is not None for r in rows))
+    return len(rows)
+
+
+def job_progress(session: Session, job_id: int) -> tuple[int, int]:
+    """(rows written, files in the job)."""
+    job = session.get(ScoringJob, job_id)
+    if job is None:
+        raise LookupError(f"scoring job {job_id} does not exist")
+    done = session.scalar(select(func.count()).select_from(Prediction).where(Prediction.job_id == job_id))
+    return done, job.n_files

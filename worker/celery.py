@@ -1,0 +1,117 @@
+"""The Celery app, configured from the environment (embedded defaults when unset).
+
+Settings for hour-long GPU tasks: JSON only; acks late and reject on worker loss, so a
+message is redelivered rather than lost; prefetch 1, so a busy worker holds no queued
+runs; task events on for Flower; a broker visibility timeout longer than any run. None
+of this decides who trains a run: the lease in SQL does (realfake.runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+from kombu import Queue
+
+from realfake.config import Settings
+
+log = logging.getLogger(__name__)
+
+TRAIN_QUEUE, SCORE_QUEUE = "train", "score"
+VISIBILITY_TIMEOUT_S = 7 * 24 * 3600  # longer than any run: a slow run is never redelivered
+
+
+def broker_transport_options(settings: Settings) -> dict:
+    if settings.broker_url.startswith("filesystem://"):
+        folder = settings.home / "broker"
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    return {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.from_env()
+    app = Celery("realfake", broker=settings.broker_url, include=["worker.tasks"])
+    options = broker_transport_options(settings)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_ignore_result=True,  # results live in SQL
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        broker_transport_options=options,
+        result_backend_transport_options=options,
+        broker_connection_retry_on_startup=True,
+        task_queues=[Queue(TRAIN_QUEUE), Queue(SCORE_QUEUE)],
+        task_default_queue=TRAIN_QUEUE,
+        task_routes={"train_run": {"queue": TRAIN_QUEUE}, "score_batch": {"queue": SCORE_QUEUE}},
+        worker_hijack_root_logger=False,
+    )
+    app.conf.realfake_settings = settings
+    return app
+
+
+app = make_app()
+
+
+class StaleRunSweeper(threading.Thread):
+    """Runs in every worker's main process: requeues runs whose worker went silent.
+
+    This is what recovers a run whose whole worker machine disappeared: any surviving or
+    newly started worker notices the stale heartbeat in SQL within `interval_s` and
+    enqueues the run again; the claim in SQL lets exactly one worker take it over, and it
+    resumes from the last checkpoint.
+    """
+
+    def __init__(self, celery: Celery, interval_s: float):
+        super().__init__(name="stale-run-sweeper", daemon=True)
+        self.celery, self.interval_s = celery, interval_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        from realfake.runs import requeue_stale_runs
+        from realfake.store import make_engine, session_factory
+
+        settings: Settings = self.celery.conf.realfake_settings
+        engine = make_engine(settings.database_url)
+        factory = session_factory(engine)
+        while True:
+            try:
+                for run_id in requeue_stale_runs(factory, settings.lease_grace_s):
+                    self.celery.send_task("train_run", args=[run_id], queue=TRAIN_QUEUE)
+            except Exception:  # the database or broker is down: try again later
+                log.exception("stale-run sweep failed")
+            if self.stopped.wait(self.interval_s):
+                break
+        engine.dispose()
+
+
+_sweeper: StaleRunSweeper | None = None
+
+
+@worker_ready.connect
+def _start_sweeper(sender=None, **_) -> None:
+    global _sweeper
+    settings: Settings = app.conf.realfake_settings
+    _sweeper = StaleRunSweeper(app, interval_s=max(1.0, settings.lease_grace_s / 4))
+    _sweeper.start()
+
+
+@worker_shutdown.connect
+def _stop_sweeper(**_) -> None:
+    if _sweeper is not None:
+        _sweeper.stopped.set()

@@ -1,0 +1,45 @@
+"""The tasks: each re-reads the world from SQL by id and is safe to deliver twice."""
+
+from __future__ import annotations
+
+import os
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from realfake.config import Settings
+from realfake.runs import train_run as train
+from realfake.scoring import ModelCache, score_shard
+from realfake.store import make_engine, session_factory
+from worker.celery import app
+
+_factories: dict[int, sessionmaker[Session]] = {}
+_models = ModelCache()
+
+
+def _factory() -> sessionmaker[Session]:
+    """One engine per process: connections must not cross a fork."""
+    pid = os.getpid()
+    if pid not in _factories:
+        _factories[pid] = session_factory(make_engine(_settings().database_url))
+    return _factories[pid]
+
+
+def _settings() -> Settings:
+    return app.conf.realfake_settings
+
+
+@app.task(name="train_run", bind=True)
+def train_run(self, run_id: int) -> str:
+    """Train run `run_id` if its lease in SQL lets this worker; resume from its checkpoint."""
+    settings = _settings()
+    result = train(
+        _factory(), run_id, settings.artifacts, worker=self.request.hostname or "worker",
+        grace_s=settings.lease_grace_s, heartbeat_s=settings.heartbeat_s,
+    )
+    return "not claimed" if result is None else result.outcome
+
+
+@app.task(name="score_batch")
+def score_batch(job_id: int, shard: int) -> int:
+    """Score one shard of scoring job `job_id`: one prediction row per file."""
+    return score_shard(_factory(), job_id, shard, _settings().data_roots, _models)
