@@ -118,7 +118,7 @@ class Settings:
         env = os.environ if environ is None else environ
         home = Path(env.get("REALFAKE_HOME", ".realfake")).absolute()
         database_url = env.get("REALFAKE_DATABASE_URL") or f"sqlite:///{home / 'realfake.db'}"
-        broker_url = env.get("REALFAKE_BROKER_URL") or "filesystem://"
+        broker_url = env.get("REALFAKE_BROKER_URL") or "filesystem://localhost//"
         artifacts = Path(env.get("REALFAKE_ARTIFACTS") or home / "artifacts").absolute()
         roots = tuple(
             Path(p).absolute() for p in env.get("REALFAKE_DATA_ROOTS", "").split(":") if p

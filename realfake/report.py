@@ -1,12 +1,19 @@
-"""Plain-data views of runs for the command line and scripts."""
+"""Views of runs for people and scripts: summaries, the leaderboard, the HTML report."""
 
 from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from realfake.data import samples_from_json
 from realfake.runs import RunNotFound, epoch_rows
-from realfake.store import Run
+from realfake.store import EpochMetric, Run, Sweep
 
 EPOCH_FIELDS = ("loss", "accuracy", "precision", "recall", "f1", "roc_auc", "tp", "fp", "tn", "fn", "group_accuracy")
 
@@ -28,11 +35,30 @@ def run_summary(run: Run) -> dict:
     }
 
 
+def _at_best(session: Session, run: Run) -> dict[str, dict]:
+    if run.best_epoch is None:
+        return {}
+    rows = session.scalars(
+        select(EpochMetric).where(EpochMetric.run_id == run.id, EpochMetric.epoch == run.best_epoch)
+    )
+    return {row.split: {f: getattr(row, f) for f in ("accuracy", "f1", "roc_auc", "loss")} for row in rows}
+
+
 def list_runs(session: Session, sweep_id: int | None = None) -> list[dict]:
+    """Runs with val and test metrics at their best epoch, best first by the sweep's metric."""
     query = select(Run).order_by(Run.id)
     if sweep_id is not None:
         query = query.where(Run.sweep_id == sweep_id)
-    return [run_summary(run) for run in session.scalars(query)]
+    runs = list(session.scalars(query))
+    goal = "maximize"
+    if sweep_id is not None and (sweep := session.get(Sweep, sweep_id)) is not None:
+        goal = sweep.metric_goal
+    rows = []
+    for run in runs:
+        at_best = _at_best(session, run)
+        rows.append(run_summary(run) | {"val": at_best.get("val"), "test": at_best.get("test")})
+    sign = -1 if goal == "maximize" else 1
+    return sorted(rows, key=lambda r: (r["best_metric"] is None, sign * (r["best_metric"] or 0), r["id"]))
 
 
 def run_detail(session: Session, run_id: int) -> dict:
@@ -40,7 +66,8 @@ def run_detail(session: Session, run_id: int) -> dict:
     if run is None:
         raise RunNotFound(f"run {run_id} does not exist")
     epochs = [
-        {"epoch": row.epoch, "split": row.split, "n": row.n, **{f: getattr(row, f) for f in EPOCH_FIELDS}}
+        {"epoch": row.epoch, "split": row.split, "n": row.n, "attempt": row.attempt,
+         **{f: getattr(row, f) for f in EPOCH_FIELDS}}
         for row in epoch_rows(session, run_id)
     ]
     return {
@@ -51,3 +78,92 @@ def run_detail(session: Session, run_id: int) -> dict:
         "checkpoint_dir": run.checkpoint_dir,
         "epochs_table": epochs,
     }
+
+
+def _png(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def render_report(session: Session, run_id: int, out: Path) -> Path:
+    """One self-contained HTML page: curves, confusion matrix, ROC, per-group accuracy, config."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    from sklearn.metrics import roc_curve
+
+    from realfake.scoring import model_checkpoint, predict_samples
+
+    detail = run_detail(session, run_id)
+    run = session.get(Run, run_id)
+    table = detail["epochs_table"]
+    sections = [f"<h1>realfake run {run_id}</h1>",
+                f"<p>status <b>{detail['status']}</b>, {detail['epochs_done']}/{detail['epochs']} epochs, "
+                f"best epoch {detail['best_epoch']} ({detail['selection_metric']} on val "
+                f"{detail['best_metric'] if detail['best_metric'] is None else round(detail['best_metric'], 4)})</p>"]
+
+    if table:
+        figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for split in ("train", "val", "test"):
+            rows = [r for r in table if r["split"] == split]
+            for ax, field in zip(axes, ("accuracy", "loss")):
+                ax.plot([r["epoch"] for r in rows], [r[field] for r in rows], marker="o", label=split)
+                ax.set_xlabel("epoch")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_title(field)
+                ax.legend()
+        sections.append("<h2>Per epoch</h2>" + _png(figure))
+        plt.close(figure)
+
+    best = {r["split"]: r for r in table if r["epoch"] == detail["best_epoch"]}
+    if "test" in best:
+        t = best["test"]
+        sections.append(
+            f"<h2>Test split at the best epoch ({detail['best_epoch']})</h2>"
+            f"<p>accuracy {t['accuracy']:.4f}, precision {t['precision']:.4f}, recall {t['recall']:.4f}, "
+            f"F1 {t['f1']:.4f}, ROC-AUC {t['roc_auc'] if t['roc_auc'] is None else round(t['roc_auc'], 4)}</p>"
+            "<table border=1 cellpadding=6><tr><th></th><th>predicted real</th><th>predicted fake</th></tr>"
+            f"<tr><th>real</th><td>{t['tn']}</td><td>{t['fp']}</td></tr>"
+            f"<tr><th>fake</th><td>{t['fn']}</td><td>{t['tp']}</td></tr></table>"
+            "<h3>Accuracy per group</h3><table border=1 cellpadding=6>"
+            + "".join(f"<tr><th>{html.escape(g)}</th><td>{a:.4f}</td></tr>" for g, a in t["group_accuracy"].items())
+            + "</table>"
+        )
+        samples = samples_from_json(run.split)["test"]
+        try:
+            scores = predict_samples(model_checkpoint(run), Path(run.data_root), samples)
+        except Exception as error:  # a moved checkpoint or data folder: the rest still renders
+            sections.append(f"<p>ROC curve unavailable: {html.escape(str(error))}</p>")
+        else:
+            fpr, tpr, _ = roc_curve([s.label for s in samples], scores)
+            figure, ax = plt.subplots(figsize=(4.5, 4.5))
+            ax.plot(fpr, tpr)
+            ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
+            ax.set_xlabel("false positive rate (reals called fake)")
+            ax.set_ylabel("true positive rate (fakes caught)")
+            ax.set_title("ROC, test split, best checkpoint")
+            sections.append(_png(figure))
+            plt.close(figure)
+
+    if table:
+        head = "".join(f"<th>{h}</th>" for h in ("epoch", "split", "loss", "accuracy", "f1", "roc_auc", "groups"))
+        body = "".join(
+            f"<tr><td>{r['epoch']}</td><td>{r['split']}</td>"
+            + "".join(f"<td>{'' if r[k] is None else round(r[k], 4)}</td>" for k in ("loss", "accuracy", "f1", "roc_auc"))
+            + f"<td>{html.escape(json.dumps({g: round(a, 3) for g, a in r['group_accuracy'].items()}))}</td></tr>"
+            for r in table
+        )
+        sections.append(f"<h2>Metrics</h2><table border=1 cellpadding=4><tr>{head}</tr>{body}</table>")
+    sections.append(f"<h2>Config</h2><pre>{html.escape(json.dumps(detail['config'], indent=2))}</pre>"
+                    f"<p>data: {html.escape(detail['data_root'])}, split sizes {detail['split_sizes']}</p>")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>realfake run "
+        f"{run_id}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}</style>"
+        "</head><body>" + "\n".join(sections) + "</body></html>"
+    )
+    return out

@@ -25,7 +25,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from realfake.config import SplitConfig, TrainConfig
 from realfake.data import discover, samples_from_json, samples_to_json, stratified_split
 from realfake.metrics import Metrics
-from realfake.store import EpochMetric, Run, RunStatus, session_scope, upsert
+from realfake.pruning import asha_prune_hook
+from realfake.store import EpochMetric, Run, RunStatus, Sweep, session_scope, upsert
+from realfake.sweeps import SpecError, SweepSpec, expand
 from realfake.train import BestSoFar, FitResult, TrainHooks, fit
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,37 @@ def create_run(
     session.add(run)
     session.flush()
     return run
+
+
+def create_sweep(
+    session: Session, spec: SweepSpec, data: Path | str | None = None, roots: tuple[Path, ...] = ()
+) -> tuple[Sweep, list[Run]]:
+    """The sweep and its WAITING runs, sharing one split; nothing is enqueued here.
+
+    Everything is checked before the first row is added: the spec (already parsed), the
+    data folder and its classes, the split. The caller commits, then enqueues.
+    """
+    folder = data or spec.data
+    if not folder:
+        raise SpecError("data: no data folder: set `data:` in the sweep file or pass --data")
+    root = Path(folder).absolute()
+    if not root.is_dir():
+        raise SpecError(f"data: folder {root} does not exist")
+    split_parts = samples_to_json(stratified_split(discover(root, roots or None), spec.split))
+    configs = [TrainConfig.model_validate(variant) for variant in expand(spec)]
+    sweep = Sweep(
+        name=spec.name,
+        spec=spec.model_dump(mode="json") | {"data": str(root)},
+        metric_name=spec.metric.name,
+        metric_goal=spec.metric.goal,
+    )
+    session.add(sweep)
+    session.flush()
+    runs = [
+        create_run(session, config, root, spec.split, sweep.id, split_parts, spec.max_attempts)
+        for config in configs
+    ]
+    return sweep, runs
 
 
 def record_epoch(
@@ -242,7 +275,7 @@ class SqlHooks(TrainHooks):
         factory: sessionmaker[Session],
         run_id: int,
         poll_s: float = 2.0,
-        prune: PruneHook | None = None,
+        prune: PruneHook | None = asha_prune_hook,
     ):
         self.factory = factory
         self.run_id = run_id

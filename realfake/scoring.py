@@ -196,3 +196,18 @@ def job_progress(session: Session, job_id: int) -> tuple[int, int]:
         raise LookupError(f"scoring job {job_id} does not exist")
     done = session.scalar(select(func.count()).select_from(Prediction).where(Prediction.job_id == job_id))
     return done, job.n_files
+
+
+def predict_samples(checkpoint: Path, root: Path, samples: Sequence, cache: ModelCache | None = None) -> list[float]:
+    """P(fake) of each of a run's recorded samples under `checkpoint` (for ROC curves)."""
+    from realfake.data import FaceDataset
+
+    model, config, runtime = (cache or ModelCache()).get(checkpoint)
+    dataset = FaceDataset(root, samples, eval_transform(config))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+    scores: list[float] = []
+    with torch.inference_mode(), runtime.autocast():
+        for images, _, _ in loader:
+            logits = model(runtime.to_device(images)).float()
+            scores += torch.softmax(logits, dim=1)[:, 1].cpu().tolist()
+    return scores

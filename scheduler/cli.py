@@ -1,13 +1,17 @@
-"""realfake-scheduler: each command is a few lines over one realfake call.
+"""realfake-scheduler: each command is a few lines over realfake.
 
-Errors a user can cause are turned into a message and exit status 2 in `main`.
+Errors a user can cause (a bad spec, a missing folder, an unknown run) become a message
+and exit status 2 in `main`; Typer's own usage errors exit 2 as well.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -22,20 +26,42 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from sqlalchemy import select
 
-from realfake.config import Settings, SplitConfig, TrainConfig
-from realfake.data import DatasetError
-from realfake.metrics import Metrics
-from realfake.models import WeightsUnavailable, imagenet_weights_cached
-from realfake.report import list_runs, run_detail
-from realfake.runs import RunNotFound, SqlHooks, create_run, train_run
-from realfake.store import make_engine, migrate, session_factory, session_scope
-from realfake.synthetic import make_synthetic
-from realfake.train import BestSoFar
+from realfake.config import Settings
+from realfake.data import DatasetError, OutsideDataRoots
+from realfake.models import WeightsUnavailable
+from realfake.report import list_runs, render_report, run_detail
+from realfake.runs import RunNotFound, create_sweep, request_cancel
+from realfake.scoring import ScoringError, create_scoring_job, job_progress
+from realfake.store import (
+    Prediction,
+    Run,
+    RunStatus,
+    ScoringJob,
+    Sweep,
+    make_engine,
+    migrate,
+    session_factory,
+    session_scope,
+)
+from realfake.sweeps import SpecError, load_spec, variant_label
+from scheduler.local import LocalWorkers
 
-app = typer.Typer(help="Train and serve real-vs-fake face classifiers.", no_args_is_help=True)
-console = Console()
-USER_ERRORS = (DatasetError, WeightsUnavailable, RunNotFound, ValidationError, FileNotFoundError)
+app = typer.Typer(help="Train and serve real-vs-fake face classifiers.", no_args_is_help=True, add_completion=False)
+console = Console(stderr=False)
+err = Console(stderr=True)
+USER_ERRORS = (
+    DatasetError, WeightsUnavailable, RunNotFound, ValidationError, SpecError, ScoringError,
+    OutsideDataRoots, FileNotFoundError, LookupError,
+)
+JSON = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+LOCAL = Annotated[bool, typer.Option("--local", help="start worker processes here for the duration")]
+WORKERS = Annotated[int, typer.Option(min=1, help="worker processes with --local")]
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
 
 
 def _database(settings: Settings):
@@ -44,29 +70,14 @@ def _database(settings: Settings):
     return session_factory(engine)
 
 
+def _celery(settings: Settings):
+    from worker.celery import make_app  # Celery only where a command sends messages
+
+    return make_app(settings)
+
+
 def _print_json(data) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
-
-
-class ProgressHooks(SqlHooks):
-    """SQL hooks that also drive a progress bar and print each epoch's line."""
-
-    def __init__(self, factory, run_id: int, progress: Progress, epochs: int):
-        super().__init__(factory, run_id)
-        self.progress = progress
-        self.task = progress.add_task(f"run {run_id}", total=None)
-        self.epochs = epochs
-
-    def on_batch(self, split: str, epoch: int, done: int, total: int) -> None:
-        self.progress.update(
-            self.task, completed=done, total=total, description=f"run {self.run_id} epoch {epoch}/{self.epochs} {split}"
-        )
-
-    def on_epoch_end(self, epoch: int, metrics: dict[str, Metrics], best: BestSoFar) -> bool:
-        keep_going = super().on_epoch_end(epoch, metrics, best)
-        parts = [f"{name} acc {m.accuracy:.3f} loss {m.loss or float('nan'):.3f}" for name, m in metrics.items()]
-        self.progress.console.print(f"epoch {epoch}: " + " | ".join(parts))
-        return keep_going
 
 
 def _fmt(value) -> str:
@@ -75,37 +86,113 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
+def _warn_without_workers(celery, queue: str) -> None:
+    """Say so when nobody consumes the queue, instead of waiting silently."""
+    try:
+        replies = celery.control.inspect(timeout=1.5).active_queues() or {}
+    except Exception as error:  # the broker itself is unreachable
+        err.print(f"[yellow]warning:[/yellow] cannot ask the workers ({error})")
+        return
+    if not any(q["name"] == queue for queues in replies.values() for q in queues):
+        err.print(
+            f"[yellow]warning:[/yellow] no live worker consumes the '{queue}' queue: the work waits "
+            f"in the queue until one starts (`realfake-worker`), or pass --local"
+        )
+
+
+def _wait_for_runs(factory, run_ids: list[int]) -> None:
+    """A progress bar per run, fed from SQL, until every run has finished."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err) as progress:
+        tasks = {run_id: progress.add_task(f"run {run_id}", total=None) for run_id in run_ids}
+        while True:
+            with session_scope(factory) as session:
+                runs = session.scalars(select(Run).where(Run.id.in_(run_ids))).all()
+            for run in runs:
+                progress.update(
+                    tasks[run.id], completed=run.epochs_done, total=run.config["epochs"],
+                    description=f"run {run.id} {run.status.value:9} epochs",
+                )
+            if all(run.status.is_finished() for run in runs):
+                return
+            time.sleep(1.0)
+
+
 @app.command()
-def runs(
-    sweep: Annotated[Optional[int], typer.Option(help="only the runs of this sweep")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+def sweep(
+    spec_file: Annotated[Path, typer.Argument(metavar="SPEC.yaml", help="sweep file")],
+    data: Annotated[Optional[Path], typer.Option(help="data folder (overrides the file's `data`)")] = None,
+    local: LOCAL = False,
+    workers: WORKERS = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and list the variants; write nothing")] = False,
+    as_json: JSON = False,
 ) -> None:
-    """List runs."""
-    with session_scope(_database(Settings.from_env())) as session:
+    """Create a sweep and its runs, then enqueue them."""
+    spec = load_spec(spec_file)
+    settings = _settings()
+    if dry_run:
+        from realfake.sweeps import expand
+
+        variants = expand(spec)
+        if as_json:
+            return _print_json({"name": spec.name, "variants": variants})
+        for index, variant in enumerate(variants):
+            console.print(f"variant {index}: {variant_label(spec, variant)}")
+        return
+    factory = _database(settings)
+    with session_scope(factory) as session:  # rows first ...
+        created, runs = create_sweep(session, spec, data, settings.data_roots)
+        sweep_id, run_ids = created.id, [r.id for r in runs]
+    celery = _celery(settings)
+    for run_id in run_ids:  # ... then the messages, which carry only ids
+        celery.send_task("train_run", args=[run_id], queue="train")
+    err.print(f"sweep {sweep_id} '{spec.name}': runs {', '.join(map(str, run_ids))} enqueued")
+    if not local:
+        _warn_without_workers(celery, "train")
+        if as_json:
+            _print_json({"sweep_id": sweep_id, "run_ids": run_ids})
+        return
+    with LocalWorkers(workers, settings.home / "logs"):
+        _wait_for_runs(factory, run_ids)
+    runs_cmd(sweep=sweep_id, as_json=as_json)
+
+
+@app.command("runs")
+def runs_cmd(
+    sweep: Annotated[Optional[int], typer.Option(help="only the runs of this sweep")] = None,
+    as_json: JSON = False,
+) -> None:
+    """Leaderboard: runs sorted by their sweep's metric, best first."""
+    with session_scope(_database(_settings())) as session:
+        if sweep is not None and session.get(Sweep, sweep) is None:
+            raise LookupError(f"sweep {sweep} does not exist")
         rows = list_runs(session, sweep)
     if as_json:
         return _print_json(rows)
-    table = Table("run", "sweep", "status", "backbone", "epochs", "best epoch", "best val")
+    metric = rows[0]["selection_metric"] if rows else "metric"
+    table = Table("run", "sweep", "status", "epochs", f"best val {metric}", "@epoch", "val acc", "val auc",
+                  "test acc", "test auc", title="runs, best first")
     for r in rows:
+        val, test = r["val"] or {}, r["test"] or {}
         table.add_row(
-            str(r["id"]), _fmt(r["sweep_id"]), r["status"], r["backbone"],
-            f"{r['epochs_done']}/{r['epochs']}", _fmt(r["best_epoch"]), _fmt(r["best_metric"]),
+            str(r["id"]), _fmt(r["sweep_id"]), r["status"], f"{r['epochs_done']}/{r['epochs']}",
+            _fmt(r["best_metric"]), _fmt(r["best_epoch"]),
+            _fmt(val.get("accuracy")), _fmt(val.get("roc_auc")), _fmt(test.get("accuracy")), _fmt(test.get("roc_auc")),
         )
     console.print(table)
 
 
 @app.command()
-def show(
-    run: Annotated[int, typer.Argument(help="run id")],
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-) -> None:
+def show(run: Annotated[int, typer.Argument(help="run id")], as_json: JSON = False) -> None:
     """A run's config and per-epoch metrics for train, val and test."""
-    with session_scope(_database(Settings.from_env())) as session:
+    with session_scope(_database(_settings())) as session:
         detail = run_detail(session, run)
     if as_json:
         return _print_json(detail)
     console.print(f"run {detail['id']}: {detail['status']}, {detail['epochs_done']}/{detail['epochs']} epochs, "
-                  f"best epoch {_fmt(detail['best_epoch'])} ({detail['selection_metric']} {_fmt(detail['best_metric'])})")
+                  f"attempt {detail['attempt']}, best epoch {_fmt(detail['best_epoch'])} "
+                  f"({detail['selection_metric']} {_fmt(detail['best_metric'])})")
+    console.print("config: " + json.dumps(detail["config"]))
     if detail["error"]:
         console.print(f"[red]error:[/red] {detail['error']}")
     table = Table("epoch", "split", "loss", "acc", "prec", "recall", "f1", "auc", "groups")
@@ -119,39 +206,129 @@ def show(
 
 
 @app.command()
-def demo(
-    workdir: Annotated[Path, typer.Option("--dir", help="folder for the demo's data and database")] = Path(
-        "realfake-demo"
-    ),
-    data: Annotated[Optional[Path], typer.Option(help="a real dataset instead of synthetic images")] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 4,
+def cancel(
+    run: Annotated[Optional[int], typer.Argument(help="run id")] = None,
+    sweep: Annotated[Optional[int], typer.Option(help="cancel every unfinished run of this sweep")] = None,
 ) -> None:
-    """Generate synthetic faces, train a run on the embedded default, and show its metrics."""
-    workdir = workdir.absolute()
-    settings = Settings.from_env({**os.environ, "REALFAKE_HOME": str(workdir / ".realfake")})
-    if data is None:
-        data = workdir / "data"
-        if not data.exists():
-            console.print(f"generating synthetic faces in {data}")
-            make_synthetic(data, per_class=100, size=64, seed=0)
-    weights = "imagenet" if imagenet_weights_cached("mobilenet_v2") else "none"
-    if weights == "none":
-        console.print("[yellow]MobileNetV2 ImageNet weights are not cached: training from random init[/yellow]")
-    config = TrainConfig(
-        backbone="mobilenet_v2", weights=weights, resize=72, image_size=64, rotation=5,
-        color_jitter=0.1, lr=1e-3, batch_size=16, epochs=epochs,
-    )
+    """Cancel a run or a sweep: the flag is read between batches; rows are kept."""
+    if (run is None) == (sweep is None):
+        raise typer.BadParameter("give a RUN id or --sweep ID, not both")
+    factory = _database(_settings())
+    with session_scope(factory) as session:
+        if sweep is not None and session.get(Sweep, sweep) is None:
+            raise LookupError(f"sweep {sweep} does not exist")
+        ids = [run] if run is not None else session.scalars(select(Run.id).where(Run.sweep_id == sweep)).all()
+    for run_id in ids:
+        status = request_cancel(factory, run_id)
+        console.print(f"run {run_id}: {'cancel requested' if status is RunStatus.RUNNING else status.value}")
+
+
+def _resolve_model(session, model: str, sweep_id: int | None) -> int:
+    """A run id, or `best`: the best succeeded run of the sweep (the latest sweep by default)."""
+    if model.isdigit():
+        return int(model)
+    if model != "best":
+        raise typer.BadParameter(f"{model!r} is neither a run id nor 'best'", param_hint="--model")
+    if sweep_id is None:
+        sweep_id = session.scalar(select(Sweep.id).order_by(Sweep.id.desc()).limit(1))
+        if sweep_id is None:
+            raise LookupError("--model best needs a sweep, and there is none yet")
+    rows = [r for r in list_runs(session, sweep_id) if r["status"] == "succeeded" and r["best_metric"] is not None]
+    if not rows:
+        raise LookupError(f"sweep {sweep_id} has no succeeded run to score with")
+    return rows[0]["id"]
+
+
+@app.command()
+def score(
+    folder: Annotated[Path, typer.Argument(help="folder of images, searched recursively")],
+    model: Annotated[str, typer.Option(help="run id, or 'best' (best succeeded run of the sweep)")] = "best",
+    sweep: Annotated[Optional[int], typer.Option(help="sweep for --model best (default: the latest)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    shard_size: Annotated[int, typer.Option(min=1, help="files per task")] = 256,
+    out: Annotated[Optional[Path], typer.Option(help="CSV to write: path,p_fake,label,error")] = None,
+    local: LOCAL = False,
+    workers: WORKERS = 1,
+    as_json: JSON = False,
+) -> None:
+    """Score every image under FOLDER; exit status 1 if some files could not be scored."""
+    settings = _settings()
     factory = _database(settings)
     with session_scope(factory) as session:
-        run_id = create_run(session, config, data, SplitConfig(val=0.2, test=0.2)).id
-    console.print(f"run {run_id} created in {settings.database_url}")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        train_run(factory, run_id, settings.artifacts, hooks=ProgressHooks(factory, run_id, progress, epochs))
+        run_id = _resolve_model(session, model, sweep)
+        job = create_scoring_job(session, run_id, folder, batch_size, shard_size, settings.data_roots)
+        job_id, n_shards, n_files = job.id, job.n_shards, job.n_files
+    celery = _celery(settings)
+    for shard in range(n_shards):
+        celery.send_task("score_batch", args=[job_id, shard], queue="score")
+    err.print(f"scoring job {job_id}: {n_files} files in {n_shards} shards with run {run_id}")
+    if local:
+        with LocalWorkers(workers, settings.home / "logs"):
+            _wait_for_job(factory, job_id, n_files)
+    else:
+        _warn_without_workers(celery, "score")
+        _wait_for_job(factory, job_id, n_files)
     with session_scope(factory) as session:
-        detail = run_detail(session, run_id)
-    console.print(f"run {run_id} {detail['status']}: best val accuracy {_fmt(detail['best_metric'])} "
-                  f"at epoch {detail['best_epoch']}; checkpoints in {detail['checkpoint_dir']}")
+        rows = session.scalars(select(Prediction).where(Prediction.job_id == job_id).order_by(Prediction.path)).all()
+        folder_text = session.get(ScoringJob, job_id).folder
+    records = [
+        {"path": os.path.join(folder_text, r.path), "p_fake": r.p_fake, "label": r.label, "error": r.error}
+        for r in rows
+    ]
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["path", "p_fake", "label", "error"])
+            writer.writeheader()
+            writer.writerows(records)
+    errors = sum(r["error"] is not None for r in records)
+    summary = {"job_id": job_id, "run_id": run_id, "files": n_files, "scored": len(records) - errors,
+               "errors": errors, "fake": sum(r["label"] == "fake" for r in records), "out": str(out) if out else None}
+    if as_json:
+        _print_json(summary | {"predictions": records if out is None else None})
+    else:
+        console.print(f"job {job_id}: {summary['scored']} scored ({summary['fake']} fake), {errors} errors"
+                      + (f"; written to {out}" if out else ""))
+    if errors:
+        raise typer.Exit(1)
+
+
+def _wait_for_job(factory, job_id: int, total: int) -> None:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task(f"job {job_id} files", total=total)
+        while True:
+            with session_scope(factory) as session:
+                done, total = job_progress(session, job_id)
+            progress.update(task, completed=done)
+            if done >= total:
+                return
+            time.sleep(0.5)
+
+
+@app.command()
+def report(
+    run: Annotated[int, typer.Argument(help="run id")],
+    out: Annotated[Path, typer.Option(help="HTML file to write")] = Path("report.html"),
+) -> None:
+    """A self-contained HTML page: curves, confusion matrix, ROC, per-group accuracy, config."""
+    with session_scope(_database(_settings())) as session:
+        path = render_report(session, run, out)
+    console.print(f"report of run {run} written to {path}")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option("--dir", help="folder for the demo (data, database, outputs)")] = Path(
+        "realfake-demo"
+    ),
+    data: Annotated[Optional[Path], typer.Option(help="a real dataset instead of synthetic faces")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 3,
+) -> None:
+    """The whole loop on the embedded default: data, a sweep on local workers, scoring, a report."""
+    from scheduler.demo import run_demo
+
+    run_demo(workdir.absolute(), data, epochs, console)
 
 
 def main() -> None:
@@ -159,8 +336,8 @@ def main() -> None:
     try:
         app()  # usage errors exit 2 inside, with Typer's message
     except USER_ERRORS as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise SystemExit(2) from None
+        err.print(f"[red]error:[/red] {error}")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,40 +1,158 @@
-"""The scheduler CLI as a user runs it: a real subprocess on the embedded default."""
+"""The scheduler CLI as a user runs it: subprocesses, on the embedded default (filesystem
+broker, SQLite), with worker processes started by `--local`."""
 
+from __future__ import annotations
+
+import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+import yaml
 
-CLI = [sys.executable, "-m", "scheduler.cli"]
+from realfake.synthetic import make_synthetic
+from tests.conftest import REPO
 
 
-def run_cli(*args, env, cwd):
-    return subprocess.run([*CLI, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+def cli(*args, env, cwd, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", *map(str, args)],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, mobilenet_weights):
+    """An empty folder with the torch cache holding MobileNetV2's weights, as `make` sets up."""
+    root = tmp_path_factory.mktemp("cli")
+    cache = root / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    shutil.copy(mobilenet_weights, cache)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REALFAKE_")}
+    env |= {"TORCH_HOME": str(root / "torch"), "PYTHONPATH": str(REPO), "REALFAKE_HOME": str(root / ".realfake"),
+            "COLUMNS": "200"}
+    return root, env
+
+
+def sweep_file(path, data, lrs, epochs=3) -> str:
+    path.write_text(yaml.safe_dump({
+        "name": "cli-test",
+        "data": str(data),
+        "split": {"val": 0.2, "test": 0.2, "seed": 0},
+        "metric": {"name": "accuracy", "goal": "maximize"},
+        "method": "grid",
+        "parameters": {"lr": {"values": lrs}},
+        "base": {"backbone": "mobilenet_v2", "weights": "imagenet", "resize": 72, "image_size": 64,
+                 "rotation": 5, "color_jitter": 0.1, "batch_size": 16, "epochs": epochs, "seed": 1},
+        "early_terminate": {"type": "asha", "min_epochs": 1, "reduction_factor": 3},
+    }))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(home):
+    root, env = home
+    data = make_synthetic(root / "data", per_class=100, size=64, seed=0)
+    spec = sweep_file(root / "sweep.yaml", data, [1e-3, 1e-8])
+    result = cli("sweep", spec, "--local", "--json", env=env, cwd=root)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 @pytest.mark.slow
-def test_demo_trains_a_run_and_show_lists_it(tmp_path, mobilenet_weights):
-    cache = tmp_path / "torch" / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
-    os.symlink(mobilenet_weights, cache / mobilenet_weights.name)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REALFAKE_")}
-    env |= {"TORCH_HOME": str(tmp_path / "torch"), "PYTHONPATH": str(Path(__file__).parents[1])}
+def test_a_sweep_with_asha_prunes_the_weakest_variant(home, finished_sweep):
+    root, env = home
+    leaderboard = finished_sweep
+    by_lr = {}
+    for row in leaderboard:
+        detail = json.loads(cli("show", row["id"], "--json", env=env, cwd=root).stdout)
+        by_lr[detail["config"]["lr"]] = row
+    strong, weak = by_lr[1e-3], by_lr[1e-8]
+    assert (strong["status"], strong["epochs_done"]) == ("succeeded", 3)
+    assert (weak["status"], weak["epochs_done"]) == ("pruned", 1)  # stopped at the first rung
+    assert [r["id"] for r in leaderboard] == [strong["id"], weak["id"]]  # best first
+    assert strong["val"]["accuracy"] >= 0.9 and strong["test"]["accuracy"] is not None
 
-    demo = run_cli("demo", "--dir", str(tmp_path / "demo"), "--epochs", "2", env=env, cwd=tmp_path)
-    assert demo.returncode == 0, demo.stderr
-    assert "run 1 succeeded" in demo.stdout
+    runs = json.loads(cli("runs", "--sweep", "1", "--json", env=env, cwd=root).stdout)
+    assert [r["id"] for r in runs] == [r["id"] for r in leaderboard]
 
-    env["REALFAKE_HOME"] = str(tmp_path / "demo" / ".realfake")
-    listing = json.loads(run_cli("runs", "--json", env=env, cwd=tmp_path).stdout)
-    assert [(r["id"], r["status"], r["epochs_done"]) for r in listing] == [(1, "succeeded", 2)]
-    detail = json.loads(run_cli("show", "1", "--json", env=env, cwd=tmp_path).stdout)
-    assert len(detail["epochs_table"]) == 2 * 3
-    assert detail["config"]["weights"] == "imagenet"
 
-    missing = run_cli("show", "99", env=env, cwd=tmp_path)
-    assert missing.returncode == 2 and "run 99 does not exist" in missing.stdout
-    bad = run_cli("show", "abc", env=env, cwd=tmp_path)
-    assert bad.returncode == 2 and "Invalid value" in bad.stderr
+@pytest.mark.slow
+def test_scoring_a_folder_writes_one_csv_row_per_file(home, finished_sweep, tmp_path):
+    root, env = home
+    folder = tmp_path / "incoming"
+    (folder / "sub dir").mkdir(parents=True)
+    images = sorted((root / "data" / "fake").iterdir())[:4] + sorted((root / "data" / "real").iterdir())[:4]
+    for index, image in enumerate(images):
+        shutil.copy(image, folder / ("sub dir" if index % 3 == 0 else "") / image.name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (folder / "notes.txt").write_text("not an image name: not scored")
+    out = tmp_path / "preds.csv"
+
+    result = cli("score", folder, "--model", "best", "--out", out, "--local", "--shard-size", "3", "--json",
+                 env=env, cwd=root)
+
+    assert result.returncode == 1, result.stderr  # one file could not be scored
+    summary = json.loads(result.stdout)
+    assert (summary["files"], summary["scored"], summary["errors"]) == (9, 8, 1)
+    with out.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 9 and len({r["path"] for r in rows}) == 9
+    by_name = {os.path.basename(r["path"]): r for r in rows}
+    assert by_name["broken.jpg"]["error"] and not by_name["broken.jpg"]["p_fake"]
+    for image in images:
+        row = by_name[image.name]
+        assert row["label"] in {"real", "fake"}
+        assert 0.0 <= float(row["p_fake"]) <= 1.0 and not row["error"]
+    labels = [by_name[i.name]["label"] for i in images]
+    assert sum(l == ("fake" if "fake" in i.parent.name else "real") for l, i in zip(labels, images)) >= 6
+
+    report = tmp_path / "report.html"
+    result = cli("report", str(summary["run_id"]), "--out", report, env=env, cwd=root)
+    assert result.returncode == 0, result.stderr
+    page = report.read_text()
+    assert page.count("data:image/png;base64") == 2 and "predicted fake" in page and "ROC" in page
+
+
+def test_a_bad_sweep_is_rejected_before_anything_is_written(home, tmp_path):
+    root, env = home
+    env = env | {"REALFAKE_HOME": str(tmp_path / ".realfake")}
+    data = make_synthetic(tmp_path / "data", per_class=10, size=32)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "data": str(data), "parameters": {"lr": {"value": [1]}}}))
+    result = cli("sweep", bad, env=env, cwd=tmp_path)
+    assert result.returncode == 2 and "parameters.lr.value: unknown key" in result.stderr
+
+    missing = sweep_file(tmp_path / "missing.yaml", tmp_path / "nowhere", [1e-3])
+    result = cli("sweep", missing, env=env, cwd=tmp_path)
+    assert result.returncode == 2 and "data: folder" in result.stderr and "does not exist" in result.stderr
+
+    result = cli("sweep", sweep_file(tmp_path / "ok.yaml", data, [1e-3, 1e-4]), "--dry-run", env=env, cwd=tmp_path)
+    assert result.returncode == 0 and "variant 1: lr=0.0001" in result.stdout
+    assert json.loads(cli("runs", "--json", env=env, cwd=tmp_path).stdout) == []  # nothing written
+
+    result = cli("sweep", tmp_path / "ok.yaml", "--json", env=env, cwd=tmp_path)  # no worker is running
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == {"sweep_id": 1, "run_ids": [1, 2]}
+    assert "no live worker consumes the 'train' queue" in result.stderr
+    runs = json.loads(cli("runs", "--json", env=env, cwd=tmp_path).stdout)
+    assert [r["status"] for r in runs] == ["waiting", "waiting"]
+
+    result = cli("cancel", "--sweep", "1", env=env, cwd=tmp_path)
+    assert result.returncode == 0 and "run 1: cancelled" in result.stdout
+    assert cli("show", "99", env=env, cwd=tmp_path).returncode == 2
+    assert cli("show", "abc", env=env, cwd=tmp_path).returncode == 2
+    assert cli("score", tmp_path / "nowhere", "--model", "1", env=env, cwd=tmp_path).returncode == 2
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_loop(home, tmp_path):
+    root, env = home
+    result = cli("demo", "--dir", tmp_path / "demo", "--epochs", "2", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "demo" / "report.html").is_file()
+    with (tmp_path / "demo" / "predictions.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 40

@@ -73,3 +73,31 @@ def test_the_unique_constraint_is_enforced_by_the_database(factory, synthetic_da
 def test_run_status_is_finished():
     assert not RunStatus.WAITING.is_finished() and not RunStatus.RUNNING.is_finished()
     assert all(s.is_finished() for s in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.PRUNED))
+
+
+def test_concurrent_migrations_do_not_collide(tmp_path, pg_server_url):
+    """Several workers starting at once each migrate the same fresh database."""
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"realfake_mig_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    urls = [f"sqlite:///{tmp_path / 'fresh.db'}", make_url(pg_server_url).set(database=name).render_as_string(False)]
+    try:
+        for url in urls:
+            engines = [make_engine(url) for _ in range(4)]
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(migrate, engines))
+            with engines[0].connect() as connection:
+                assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
+            for engine in engines:
+                engine.dispose()
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

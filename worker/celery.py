@@ -13,7 +13,7 @@ import threading
 
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from realfake.config import Settings
 
@@ -24,7 +24,7 @@ VISIBILITY_TIMEOUT_S = 7 * 24 * 3600  # longer than any run: a slow run is never
 
 
 def broker_transport_options(settings: Settings) -> dict:
-    if settings.broker_url.startswith("filesystem://"):
+    if settings.broker_url.startswith("filesystem:"):
         folder = settings.home / "broker"
         for sub in ("queue", "processed"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -56,9 +56,13 @@ def make_app(settings: Settings | None = None) -> Celery:
         broker_transport_options=options,
         result_backend_transport_options=options,
         broker_connection_retry_on_startup=True,
-        task_queues=[Queue(TRAIN_QUEUE), Queue(SCORE_QUEUE)],
+        # each queue its own exchange and key: a bare Queue(name) would be bound to the default
+        task_queues=[Queue(q, Exchange(q), routing_key=q) for q in (TRAIN_QUEUE, SCORE_QUEUE)],
         task_default_queue=TRAIN_QUEUE,
-        task_routes={"train_run": {"queue": TRAIN_QUEUE}, "score_batch": {"queue": SCORE_QUEUE}},
+        task_routes={
+            "train_run": {"queue": TRAIN_QUEUE, "routing_key": TRAIN_QUEUE},
+            "score_batch": {"queue": SCORE_QUEUE, "routing_key": SCORE_QUEUE},
+        },
         worker_hijack_root_logger=False,
     )
     app.conf.realfake_settings = settings
@@ -84,13 +88,17 @@ class StaleRunSweeper(threading.Thread):
 
     def run(self) -> None:
         from realfake.runs import requeue_stale_runs
-        from realfake.store import make_engine, session_factory
+        from realfake.store import make_engine, migrate, session_factory
 
         settings: Settings = self.celery.conf.realfake_settings
         engine = make_engine(settings.database_url)
         factory = session_factory(engine)
+        migrated = False
         while True:
             try:
+                if not migrated:  # a worker may be the first to touch an embedded database
+                    migrate(engine)
+                    migrated = True
                 for run_id in requeue_stale_runs(factory, settings.lease_grace_s):
                     self.celery.send_task("train_run", args=[run_id], queue=TRAIN_QUEUE)
             except Exception:  # the database or broker is down: try again later

@@ -125,6 +125,20 @@ class EpochMetric(Base):
     run: Mapped[Run] = relationship(back_populates="epochs")
 
 
+class RungValue(Base):
+    """A run's selection metric when it reached an ASHA rung (an epoch count)."""
+
+    __tablename__ = "rung_values"
+    __table_args__ = (UniqueConstraint("run_id", "rung"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    rung: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float] = mapped_column(Float)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class ScoringJob(Base):
     __tablename__ = "scoring_jobs"
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -61,9 +62,26 @@ def alembic_config(engine: Engine) -> Config:
     return config
 
 
+@contextmanager
+def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
+    """Serialise migrations of one SQLite file across processes, around the whole transaction."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.migrate.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def migrate(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema up to `revision` (idempotent)."""
-    with engine.begin() as connection:
+    """Bring the schema up to `revision` (idempotent, safe from several processes at once)."""
+    with _sqlite_file_lock(engine), engine.begin() as connection:
+        if engine.dialect.name == "postgresql":  # held until this transaction commits
+            connection.execute(text("SELECT pg_advisory_xact_lock(7301)"))
         config = alembic_config(engine)
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
