@@ -317,6 +317,15 @@ def report(
     console.print(f"report of run {run} written to {path}")
 
 
+@app.command("migrate")
+def migrate_cmd() -> None:
+    """Create or upgrade the database schema (the compose file's one-shot `migrate` service)."""
+    settings = _settings()
+    _database(settings)
+    where = make_engine(settings.database_url).url.render_as_string(hide_password=True)
+    console.print(f"database schema is up to date: {where}")
+
+
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option("--dir", help="folder for the demo (data, database, outputs)")] = Path(
