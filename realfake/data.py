@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
@@ -21,6 +24,9 @@ LABELS = {"real": 0, "fake": 1}  # the positive class is fake
 CLASS_NAMES = ("real", "fake")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# An image over PIL's pixel limit is refused, never decoded (decompression bombs).
+warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 _GROUP_PREFIX = re.compile(r"^([A-Za-z]+)_")
 _CLASS_TOKEN = re.compile(r"(?:^|[^a-z])(real|fake)(?:$|[^a-z])")
@@ -164,8 +170,36 @@ def eval_transform(config: TrainConfig) -> v2.Compose:
 
 
 def load_rgb(path: Path) -> Image.Image:
+    """Any image file as 8-bit RGB, upright as its EXIF orientation says."""
     with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I"):  # 16/32-bit integer greyscale: PIL would clip it to white
+            pixels = np.asarray(image, dtype=np.float64)
+            top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+            image = Image.fromarray((pixels * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
+        elif image.mode == "F":
+            pixels = np.asarray(image, dtype=np.float64)
+            image = Image.fromarray((pixels * 255.0 if pixels.max() <= 1.0 else pixels).clip(0, 255).astype(np.uint8), "L")
         return image.convert("RGB")
+
+
+def check_images(root: Path, samples: Sequence[Sample], threads: int = 8) -> None:
+    """Decode every image (at reduced scale where the format allows) before a run starts."""
+
+    def problem(sample: Sample) -> str | None:
+        try:
+            with Image.open(root / sample.path) as image:
+                image.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale, truncation still shows
+                image.load()
+        except Exception as error:
+            return f"{sample.path} ({type(error).__name__}: {error})"
+        return None
+
+    with ThreadPoolExecutor(threads) as pool:
+        bad = [p for p in pool.map(problem, samples) if p]
+    if bad:
+        shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise DatasetError(f"{len(bad)} unreadable image(s) in {root}: {shown}")
 
 
 class FaceDataset(Dataset):

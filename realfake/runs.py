@@ -23,7 +23,13 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from realfake.config import SplitConfig, TrainConfig
-from realfake.data import discover, samples_from_json, samples_to_json, stratified_split
+from realfake.data import (
+    check_images,
+    discover,
+    samples_from_json,
+    samples_to_json,
+    stratified_split,
+)
 from realfake.metrics import Metrics
 from realfake.pruning import asha_prune_hook
 from realfake.store import EpochMetric, Run, RunStatus, Sweep, session_scope, upsert
@@ -63,7 +69,9 @@ def create_run(
     """Add a WAITING run with its split recorded (computed here unless given)."""
     root = Path(data_root).absolute()
     if split_parts is None:
-        split_parts = samples_to_json(stratified_split(discover(root), split))
+        samples = discover(root)
+        check_images(root, samples)
+        split_parts = samples_to_json(stratified_split(samples, split))
     run = Run(
         sweep_id=sweep_id,
         config=config.model_dump(mode="json"),
@@ -91,7 +99,9 @@ def create_sweep(
     root = Path(folder).absolute()
     if not root.is_dir():
         raise SpecError(f"data: folder {root} does not exist")
-    split_parts = samples_to_json(stratified_split(discover(root, roots or None), spec.split))
+    samples = discover(root, roots or None)
+    check_images(root, samples)
+    split_parts = samples_to_json(stratified_split(samples, spec.split))
     configs = [TrainConfig.model_validate(variant) for variant in expand(spec)]
     sweep = Sweep(
         name=spec.name,

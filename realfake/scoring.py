@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from PIL import Image
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
@@ -28,9 +26,6 @@ from realfake.store import JobStatus, Prediction, Run, ScoringJob, session_scope
 from realfake.train import Runtime, load_checkpoint
 
 log = logging.getLogger(__name__)
-
-# An image over PIL's pixel limit is refused, not decoded (decompression bombs).
-warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 class ScoringError(ValueError):

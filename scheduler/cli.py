@@ -27,6 +27,8 @@ from rich.progress import (
 )
 from rich.table import Table
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from realfake.config import Settings
 from realfake.data import DatasetError, OutsideDataRoots
@@ -49,8 +51,8 @@ from realfake.sweeps import SpecError, load_spec, variant_label
 from scheduler.local import LocalWorkers
 
 app = typer.Typer(help="Train and serve real-vs-fake face classifiers.", no_args_is_help=True, add_completion=False)
-console = Console(stderr=False)
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 USER_ERRORS = (
     DatasetError, WeightsUnavailable, RunNotFound, ValidationError, SpecError, ScoringError,
     OutsideDataRoots, FileNotFoundError, LookupError,
@@ -70,10 +72,22 @@ def _database(settings: Settings):
     return session_factory(engine)
 
 
+class BrokerUnreachable(RuntimeError):
+    pass
+
+
 def _celery(settings: Settings):
+    """The Celery app, after checking that the broker answers (before any row is written)."""
     from worker.celery import make_app  # Celery only where a command sends messages
 
-    return make_app(settings)
+    celery = make_app(settings)
+    try:
+        with celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5)
+    except Exception as error:
+        where = make_url(settings.broker_url).render_as_string(hide_password=True)
+        raise BrokerUnreachable(f"cannot reach the broker {where}: {str(error).rstrip('.')}. Nothing was written.") from None
+    return celery
 
 
 def _print_json(data) -> None:
@@ -140,10 +154,10 @@ def sweep(
             console.print(f"variant {index}: {variant_label(spec, variant)}")
         return
     factory = _database(settings)
+    celery = _celery(settings)
     with session_scope(factory) as session:  # rows first ...
         created, runs = create_sweep(session, spec, data, settings.data_roots)
         sweep_id, run_ids = created.id, [r.id for r in runs]
-    celery = _celery(settings)
     for run_id in run_ids:  # ... then the messages, which carry only ids
         celery.send_task("train_run", args=[run_id], queue="train")
     err.print(f"sweep {sweep_id} '{spec.name}': runs {', '.join(map(str, run_ids))} enqueued")
@@ -254,11 +268,11 @@ def score(
     """Score every image under FOLDER; exit status 1 if some files could not be scored."""
     settings = _settings()
     factory = _database(settings)
+    celery = _celery(settings)
     with session_scope(factory) as session:
         run_id = _resolve_model(session, model, sweep)
         job = create_scoring_job(session, run_id, folder, batch_size, shard_size, settings.data_roots)
         job_id, n_shards, n_files = job.id, job.n_shards, job.n_files
-    celery = _celery(settings)
     for shard in range(n_shards):
         celery.send_task("score_batch", args=[job_id, shard], queue="score")
     err.print(f"scoring job {job_id}: {n_files} files in {n_shards} shards with run {run_id}")
@@ -347,6 +361,14 @@ def main() -> None:
     except USER_ERRORS as error:
         err.print(f"[red]error:[/red] {error}")
         sys.exit(2)
+    except (OperationalError, InterfaceError) as error:  # the database is down or unreachable
+        where = make_url(_settings().database_url).render_as_string(hide_password=True)
+        reason = str(error.orig or error).strip().splitlines()[0]
+        err.print(f"[red]error:[/red] cannot reach the database {where}: {reason}. Nothing was written.")
+        sys.exit(1)
+    except BrokerUnreachable as error:
+        err.print(f"[red]error:[/red] {error}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
-from realfake.runs import train_run
 from realfake.scoring import create_scoring_job
 from realfake.store import JobStatus, RunStatus, ScoringJob, session_scope
 from realfake.synthetic import make_synthetic
