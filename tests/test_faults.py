@@ -51,3 +51,113 @@ def test_a_worker_killed_mid_epoch_is_taken_over_from_its_checkpoint(factory, pr
     assert len(rows) == 4 * 3
     attempts = {r.epoch: r.attempt for r in rows}
     assert attempts == {e: (1 if e <= k else 2) for e in range(1, 5)}  # resumed at k + 1, not epoch 1
+
+
+class OwnRedis:
+    """A Redis server of the test's own, persisting to an append-only file, restartable."""
+
+    def __init__(self, folder: Path):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self) -> None:
+        import subprocess
+
+        subprocess.run(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "yes",
+             "--pidfile", str(self.folder / "redis.pid"), "--logfile", str(self.folder / "redis.log")],
+            check=True,
+        )
+        wait_for(self.ping, 20, what="redis to start")
+
+    def ping(self) -> bool:
+        import redis
+
+        try:
+            return redis.Redis(port=self.port, socket_timeout=1).ping()
+        except redis.ConnectionError:
+            return False
+
+    def restart(self, down_s: float = 2.0) -> None:
+        import subprocess
+        import time
+
+        subprocess.run(["redis-cli", "-p", str(self.port), "shutdown"], capture_output=True)
+        wait_for(lambda: not self.ping(), 20, what="redis to stop")
+        time.sleep(down_s)
+        self.start()
+
+    def stop(self) -> None:
+        import subprocess
+
+        subprocess.run(["redis-cli", "-p", str(self.port), "shutdown", "nosave"], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_redis_restart_loses_no_run_and_no_file(factory, cluster_env, tmp_path):
+    from sqlalchemy import func, select
+
+    from realfake.config import Settings
+    from realfake.scoring import create_scoring_job
+    from realfake.store import JobStatus, Prediction
+    from worker.celery import make_app
+
+    own = OwnRedis(tmp_path / "redis")
+    env = cluster_env | {"REALFAKE_BROKER_URL": own.url}
+    producer = make_app(Settings.from_env(env))
+    workers = [WorkerProcess(env, f"r{i}@test", tmp_path) for i in (1, 2)]
+    try:
+        for worker in workers:
+            worker.wait_ready()
+        data = make_synthetic(tmp_path / "data", per_class=100, size=64, seed=3)
+        run_ids = [new_run(factory, data, config(epochs=3, seed=s)) for s in (1, 2, 3)]
+        for run_id in run_ids:
+            producer.send_task("train_run", args=[run_id], queue="train")
+        wait_for(lambda: run_state(factory, run_ids[0]).epochs_done >= 1, 120, what="training to start")
+        own.restart()  # in the middle of the sweep: one run training per worker, one queued
+        runs = [wait_finished(factory, run_id, timeout=300) for run_id in run_ids]
+        assert [r.status for r in runs] == [RunStatus.SUCCEEDED] * 3
+        with session_scope(factory) as session:
+            for run_id in run_ids:
+                assert len(epoch_rows(session, run_id)) == 3 * 3
+
+        folder = tmp_path / "score"
+        make_synthetic(folder, per_class=600, size=32, seed=4)
+        with session_scope(factory) as session:
+            job = create_scoring_job(session, run_ids[0], folder, batch_size=64, shard_size=50)
+            job_id, n_shards = job.id, job.n_shards
+        for shard in range(n_shards):
+            producer.send_task("score_batch", args=[job_id, shard], queue="score")
+
+        def written():
+            with session_scope(factory) as session:
+                return session.scalar(select(func.count()).select_from(Prediction).where(Prediction.job_id == job_id))
+
+        wait_for(lambda: written() >= 200, 120, what="scoring to start")
+        own.restart()  # in the middle of the scoring job
+        wait_for(lambda: _job_status(factory, job_id) is JobStatus.DONE, 300, what="the scoring job to finish")
+        with session_scope(factory) as session:
+            paths = session.scalars(select(Prediction.path).where(Prediction.job_id == job_id)).all()
+        assert len(paths) == len(set(paths)) == 1200
+        # the workers really lost the broker, twice, and came back
+        assert all(w.log().count("Connection to broker lost") >= 2 for w in workers), workers[0].log()[-2000:]
+    finally:
+        for worker in workers:
+            worker.stop()
+        producer.close()
+        own.stop()
+
+
+def _job_status(factory, job_id):
+    from realfake.store import ScoringJob
+
+    with session_scope(factory) as session:
+        return session.get(ScoringJob, job_id).status
