@@ -62,6 +62,7 @@ class TrainConfig(BaseModel):
         "auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere"
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    decode_cache: bool = Field(True, description="cache decoded, resized images across epochs and runs")
 
     @field_validator("jpeg_quality")
     @classmethod

@@ -365,7 +365,7 @@ def train_run(
     hooks.heartbeat = Heartbeat(factory, lease, heartbeat_s)
     hooks.heartbeat.start()
     try:
-        result = fit(config, data_root, split, ckpt, hooks)
+        result = fit(config, data_root, split, ckpt, hooks, cache_dir=Path(artifacts) / "cache")
     except LeaseLost:
         log.warning("run %d: lease lost, leaving it to its new worker", run_id)
         return None

@@ -13,13 +13,20 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
 from realfake.config import TrainConfig
-from realfake.data import IMAGE_SUFFIXES, ensure_inside, eval_transform, load_rgb
+from realfake.data import (
+    IMAGE_SUFFIXES,
+    ensure_inside,
+    eval_transform,
+    load_for_eval,
+    normalize_batch,
+)
 from realfake.models import build_model
 from realfake.runs import RunNotFound
 from realfake.store import JobStatus, Prediction, Run, ScoringJob, session_scope, upsert
@@ -88,8 +95,9 @@ def create_scoring_job(
 class ModelCache:
     """Models loaded in this process, keyed by checkpoint file and its modification time."""
 
-    def __init__(self, capacity: int = 2):
+    def __init__(self, capacity: int = 2, precision: str = "auto"):
         self.capacity = capacity
+        self.precision = precision  # auto | fp32 | bf16 (see Runtime.for_scoring)
         self._models: dict[tuple[str, int], tuple[nn.Module, TrainConfig, Runtime]] = {}
 
     def get(self, path: Path) -> tuple[nn.Module, TrainConfig, Runtime]:
@@ -98,7 +106,7 @@ class ModelCache:
             checkpoint = load_checkpoint(path)
             # the checkpoint carries the weights: build the architecture only
             config = TrainConfig.model_validate(checkpoint["config"] | {"weights": "none"})
-            runtime = Runtime.for_config(config)
+            runtime = Runtime.for_scoring(config, self.precision)
             model = build_model(config)
             model.load_state_dict(checkpoint["model"])
             model.eval().to(runtime.device)
@@ -110,10 +118,10 @@ class ModelCache:
         return self._models[key]
 
 
-def _decode(folder: Path, rel: str, roots: Sequence[Path], transform) -> tuple[torch.Tensor | None, str | None]:
+def _decode(folder: Path, rel: str, roots: Sequence[Path], config: TrainConfig) -> tuple[np.ndarray | None, str | None]:
     try:
         path = ensure_inside(folder / rel, roots)
-        return transform(load_rgb(path)), None
+        return load_for_eval(path, config.resize, config.image_size), None
     except Exception as error:  # any unreadable file is a row with its error, not a failed shard
         return None, f"{type(error).__name__}: {error}"
 
@@ -150,17 +158,17 @@ def score_shard(
         if job.status is JobStatus.WAITING:
             job.status = JobStatus.RUNNING
     model, config, runtime = cache.get(checkpoint)
-    transform = eval_transform(config)
     allowed = list(roots) or [folder]
     rows = []
     threads = threads or min(8, (os.cpu_count() or 2) * 2)
     with ThreadPoolExecutor(threads) as pool:
-        decoded = pool.map(lambda rel: (rel, *_decode(folder, rel, allowed, transform)), files)
+        # decoding threads run ahead while the model works on the previous batch
+        decoded = pool.map(lambda rel: (rel, *_decode(folder, rel, allowed, config)), files)
         for batch in _batches(decoded, batch_size):
-            good = [(rel, tensor) for rel, tensor, _ in batch if tensor is not None]
+            good = [(rel, pixels) for rel, pixels, _ in batch if pixels is not None]
             p_fake: dict[str, float] = {}
             if good:
-                images = runtime.to_device(torch.stack([t for _, t in good]))
+                images = runtime.to_device(normalize_batch([p for _, p in good]))
                 with torch.inference_mode(), runtime.autocast():
                     logits = model(images)
                 probabilities = torch.softmax(logits.float(), dim=1)[:, 1].cpu().tolist()
@@ -173,6 +181,9 @@ def score_shard(
                 )
     with session_scope(factory) as session:
         upsert(session, Prediction, rows, keys=("job_id", "path"))
+    # Counted after the commit, in a transaction of its own: when the last shards finish at
+    # once, each sees the others' committed rows, so the last to commit marks the job done.
+    with session_scope(factory) as session:
         done = session.scalar(select(func.count()).select_from(Prediction).where(Prediction.job_id == job_id))
         session.execute(
             update(ScoringJob)

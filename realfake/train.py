@@ -20,7 +20,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from realfake.config import TrainConfig
-from realfake.data import FaceDataset, Sample, eval_transform, train_transform
+from realfake.data import (
+    DecodedCache,
+    FaceDataset,
+    Sample,
+    eval_transform,
+    train_transform,
+)
 from realfake.metrics import Metrics, compute_metrics
 from realfake.models import build_model
 
@@ -80,6 +86,16 @@ class Runtime:
         dtype = torch.bfloat16 if precision == "bf16" else None
         return cls(device, dtype, channels_last=on_cuda)
 
+    @classmethod
+    def for_scoring(cls, config: TrainConfig, precision: str = "auto") -> Runtime:
+        """Inference settings: channels-last everywhere; bf16 on CUDA and on CPUs with native bf16."""
+        base = cls.for_config(config)
+        if precision == "auto":
+            native = base.device.type == "cuda" or cpu_has_bf16()
+            precision = "bf16" if native else "fp32"
+        dtype = torch.bfloat16 if precision == "bf16" else None
+        return cls(base.device, dtype, channels_last=True)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -88,6 +104,14 @@ class Runtime:
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         return images.to(self.device, non_blocking=True, memory_format=memory_format)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), where autocast pays off."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -227,11 +251,13 @@ def fit(
     split: dict[str, list[Sample]],
     checkpoint_dir: Path | str,
     hooks: TrainHooks | None = None,
+    cache_dir: Path | str | None = None,
 ) -> FitResult:
     """Train `config.epochs` epochs, resuming after the last finished epoch if a checkpoint exists.
 
     Each epoch: train, evaluate val and test, keep `best.pt` by the selection metric on val,
-    hand the metrics to the hooks, then write `last.pt`. Metrics are persisted before the
+    hand the metrics to the hooks, then write `last.pt`. With `cache_dir`, decoded and
+    resized images are cached there (see DecodedCache) unless `config.decode_cache` is off. Metrics are persisted before the
     checkpoint, so a crash in between repeats an epoch (its rows are upserted) and never
     skips one.
     """
@@ -261,11 +287,13 @@ def fit(
         log.info("resuming from %s at epoch %d", last_path, start_epoch)
 
     root = Path(data_root)
-    datasets = {
-        "train": FaceDataset(root, split["train"], train_transform(config)),
-        "val": FaceDataset(root, split["val"], eval_transform(config)),
-        "test": FaceDataset(root, split["test"], eval_transform(config)),
-    }
+    datasets = {}
+    for name in SPLITS:
+        cache = None
+        if config.decode_cache and cache_dir is not None and split[name]:
+            cache = DecodedCache(Path(cache_dir), root, split[name], config).ensure()
+        transform = train_transform if name == "train" else eval_transform
+        datasets[name] = FaceDataset(root, split[name], transform(config, resized=cache is not None), cache)
     config_json = config.model_dump(mode="json")
     epoch = start_epoch - 1
     try:

@@ -136,3 +136,35 @@ def test_train_transform_includes_the_seed_augmentation():
     assert "RandomApply" not in names  # JPEG re-encoding only when asked for
     eval_names = [type(t).__name__ for t in eval_transform(TrainConfig()).transforms]
     assert "CenterCrop" in eval_names and "RandomRotation" not in eval_names
+
+
+def test_decoded_cache_matches_decoding_and_is_reused_until_a_file_changes(synthetic_data, tmp_path):
+    import os
+
+    from realfake.data import DecodedCache
+
+    data = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(synthetic_data, data)
+    config = TrainConfig(resize=72, image_size=64)
+    samples = discover(data)[:10]
+    cache = DecodedCache(tmp_path / "cache", data, samples, config).ensure()
+    assert (cache.dir / "complete").exists() and len(list(cache.dir.glob("*.npy"))) == 10
+    cached = FaceDataset(data, samples, eval_transform(config, resized=True), cache)
+    decoded = FaceDataset(data, samples, eval_transform(config))
+    for index in range(10):
+        assert torch.equal(cached[index][0], decoded[index][0])
+
+    stamp = (cache.dir / "0.npy").stat().st_mtime_ns
+    again = DecodedCache(tmp_path / "cache", data, samples, config).ensure()
+    assert again.dir == cache.dir and (again.dir / "0.npy").stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+    changed = data / samples[3].path
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(changed)
+    os.utime(changed, ns=(1, 1))
+    rebuilt = DecodedCache(tmp_path / "cache", data, samples, config).ensure()
+    assert rebuilt.dir != cache.dir
+    red = rebuilt.load(3)
+    assert red.shape == (3, 72, 72) and red[0].float().mean() > 250 and red[1].float().mean() < 5
+    assert DecodedCache(tmp_path / "cache", data, samples, TrainConfig(resize=96, image_size=64)).dir != cache.dir

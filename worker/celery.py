@@ -62,6 +62,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_routes={
             "train_run": {"queue": TRAIN_QUEUE, "routing_key": TRAIN_QUEUE},
             "score_batch": {"queue": SCORE_QUEUE, "routing_key": SCORE_QUEUE},
+            "ping": {"queue": SCORE_QUEUE, "routing_key": SCORE_QUEUE},
         },
         worker_hijack_root_logger=False,
     )

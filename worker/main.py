@@ -33,6 +33,8 @@ def run(
     name = name or f"{'cpu' if gpu is None else f'gpu{gpu}'}@{host}"
     # torch threads: share the cores among the pool's processes
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // concurrency)))
+    # idle torch threads sleep instead of spinning: scoring's decoding threads share the cores
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from worker.celery import app  # imported only now, after CUDA_VISIBLE_DEVICES
 

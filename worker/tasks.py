@@ -13,7 +13,7 @@ from realfake.store import make_engine, session_factory
 from worker.celery import app
 
 _factories: dict[int, sessionmaker[Session]] = {}
-_models = ModelCache()
+_models = ModelCache(precision=os.environ.get("REALFAKE_SCORE_PRECISION", "auto"))
 
 
 def _factory() -> sessionmaker[Session]:
@@ -43,3 +43,8 @@ def train_run(self, run_id: int) -> str:
 def score_batch(job_id: int, shard: int) -> int:
     """Score one shard of scoring job `job_id`: one prediction row per file."""
     return score_shard(_factory(), job_id, shard, _settings().data_roots, _models)
+
+
+@app.task(name="ping")
+def ping() -> None:
+    """Does nothing: the dispatch latency of an empty task (bench/queue_overhead.py)."""
