@@ -331,6 +331,30 @@ def report(
     console.print(f"report of run {run} written to {path}")
 
 
+@app.command()
+def audit(
+    data: Annotated[Path, typer.Argument(help="dataset folder (real/ and fake/ sub-folders)")],
+    as_json: JSON = False,
+) -> None:
+    """Metadata that separates the classes by itself, and the accuracy a trivial rule on it gets."""
+    from realfake.audit import audit as run_audit
+
+    result = run_audit(data)
+    if as_json:
+        return _print_json(result)
+    console.print(f"{result['images']} images ({result['real']} real, {result['fake']} fake); "
+                  f"always answering the larger class: {result['baseline_accuracy']:.3f}")
+    table = Table("feature", "distinct values", "rule accuracy (5-fold)", "above baseline", "most common values",
+                  title="a rule on one piece of metadata alone")
+    for f in result["features"]:
+        common = ", ".join(f"{v}: {c['real']}r/{c['fake']}f" for v, c in list(f["values"].items())[:3])
+        flag = "[red]" if f["above_baseline"] > 0.05 else ""
+        table.add_row(f["feature"], str(f["distinct"]), f"{flag}{f['rule_accuracy']:.3f}", f"{f['above_baseline']:+.3f}", common)
+    console.print(table)
+    free = result["shortcut_free"]
+    console.print(f"shortcut-free subset ({free['rule']}): {free['real']} real + {free['fake']} fake")
+
+
 @app.command("migrate")
 def migrate_cmd() -> None:
     """Create or upgrade the database schema (the compose file's one-shot `migrate` service)."""
