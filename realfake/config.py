@@ -113,6 +113,7 @@ class Settings:
     data_roots: tuple[Path, ...]
     heartbeat_s: float = 10.0  # how often a training worker stamps its lease
     lease_grace_s: float = 120.0  # a lease this long without a heartbeat is taken over
+    resend_after_s: float = 900.0  # unclaimed runs / stalled jobs this old get their messages again
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -126,4 +127,5 @@ class Settings:
         )
         heartbeat_s = float(env.get("REALFAKE_HEARTBEAT_S", 10))
         grace_s = float(env.get("REALFAKE_LEASE_GRACE_S", 120))
-        return cls(home, database_url, broker_url, artifacts, roots, heartbeat_s, grace_s)
+        resend_s = float(env.get("REALFAKE_RESEND_AFTER_S", 900))
+        return cls(home, database_url, broker_url, artifacts, roots, heartbeat_s, grace_s, resend_s)

@@ -234,6 +234,29 @@ def requeue_stale_runs(factory: sessionmaker[Session], grace_s: float) -> list[i
     return requeued
 
 
+def resend_waiting_runs(factory: sessionmaker[Session], after_s: float) -> list[int]:
+    """Waiting runs whose message may have been lost (sent more than `after_s` ago and still
+    unclaimed, e.g. delivered to a worker as the broker went down): the caller sends them
+    again, at most once per `after_s`; a duplicate is refused by the claim."""
+    resend = []
+    with session_scope(factory) as session:
+        cutoff = session.scalar(select(func.now())) - timedelta(seconds=after_s)
+        last_sent = func.coalesce(Run.enqueued_at, Run.created_at)
+        waiting = session.execute(
+            select(Run.id, Run.enqueued_at).where(
+                Run.status == RunStatus.WAITING, Run.cancel_requested.is_(False), last_sent < cutoff
+            )
+        ).all()
+        for run_id, enqueued_at in waiting:
+            same = Run.enqueued_at.is_(None) if enqueued_at is None else Run.enqueued_at == enqueued_at
+            if session.execute(
+                update(Run).where(Run.id == run_id, Run.status == RunStatus.WAITING, same)
+                .values(enqueued_at=func.now()).execution_options(synchronize_session=False)
+            ).rowcount:
+                resend.append(run_id)
+    return resend
+
+
 def finish_run(
     factory: sessionmaker[Session], lease: Lease, status: RunStatus, error: str | None = None
 ) -> bool:

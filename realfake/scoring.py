@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,7 @@ def score_shard(
                 )
     with session_scope(factory) as session:
         upsert(session, Prediction, rows, keys=("job_id", "path"))
+        session.execute(update(ScoringJob).where(ScoringJob.id == job_id).values(progress_at=func.now()))
     # Counted after the commit, in a transaction of its own: when the last shards finish at
     # once, each sees the others' committed rows, so the last to commit marks the job done.
     with session_scope(factory) as session:
@@ -193,6 +195,33 @@ def score_shard(
         )
     log.info("job %d shard %d: %d rows, %d errors", job_id, shard, len(rows), sum(r["error"] is not None for r in rows))
     return len(rows)
+
+
+def resend_missing_shards(factory: sessionmaker[Session], after_s: float) -> list[tuple[int, int]]:
+    """Shards of unfinished jobs that made no progress for `after_s` and still miss rows:
+    their messages may have been lost (delivered as the broker went down). The caller sends
+    them again, at most once per `after_s` per job; a duplicate only upserts the same rows."""
+    resend = []
+    with session_scope(factory) as session:
+        cutoff = session.scalar(select(func.now())) - timedelta(seconds=after_s)
+        last = func.coalesce(ScoringJob.progress_at, ScoringJob.created_at)
+        stalled = session.execute(
+            select(ScoringJob.id, ScoringJob.progress_at).where(ScoringJob.status != JobStatus.DONE, last < cutoff)
+        ).all()
+        for job_id, progress_at in stalled:
+            same = ScoringJob.progress_at.is_(None) if progress_at is None else ScoringJob.progress_at == progress_at
+            claimed = session.execute(
+                update(ScoringJob).where(ScoringJob.id == job_id, same).values(progress_at=func.now())
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if not claimed:
+                continue  # another sweeper took it
+            job = session.get(ScoringJob, job_id)
+            written = dict(session.execute(
+                select(Prediction.shard, func.count()).where(Prediction.job_id == job_id).group_by(Prediction.shard)
+            ).all())
+            resend += [(job_id, i) for i, files in enumerate(job.shards) if written.get(i, 0) < len(files)]
+    return resend
 
 
 def job_progress(session: Session, job_id: int) -> tuple[int, int]:

@@ -107,6 +107,7 @@ def cluster_env(tmp_path_factory, pg_server_url, broker_url, mobilenet_weights):
         REALFAKE_ARTIFACTS=str(home / "artifacts"),
         REALFAKE_HEARTBEAT_S="0.5",
         REALFAKE_LEASE_GRACE_S="4",
+        REALFAKE_RESEND_AFTER_S="8",
         TORCH_HOME=str(torch_home),
         PYTHONPATH=str(REPO),
         OMP_NUM_THREADS="1",

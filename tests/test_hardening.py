@@ -219,3 +219,24 @@ def test_scoring_cli_on_bad_inputs_reports_errors_in_its_exit_status(tmp_path, m
     assert _cli("score", tmp_path / "nowhere", env=env).returncode == 2
     assert _cli("score", folder, "--model", "latest", env=env).returncode == 2
     assert _cli("score", folder, "--batch-size", "0", env=env).returncode == 2
+
+
+def test_stalled_jobs_get_their_missing_shards_sent_again(tiny_run, tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import update
+
+    from realfake.scoring import resend_missing_shards
+    from realfake.store import ScoringJob
+
+    factory, run_id = tiny_run
+    make_synthetic(tmp_path / "imgs", per_class=4, size=16)
+    with session_scope(factory) as session:
+        job_id = create_scoring_job(session, run_id, tmp_path / "imgs", shard_size=3).id  # shards of 3, 3, 2
+    score_shard(factory, job_id, 1)
+    long_ago = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=2)
+    assert resend_missing_shards(factory, after_s=3600) == []  # progress just now
+    with session_scope(factory) as session:
+        session.execute(update(ScoringJob).where(ScoringJob.id == job_id).values(progress_at=long_ago))
+    assert resend_missing_shards(factory, after_s=3600) == [(job_id, 0), (job_id, 2)]
+    assert resend_missing_shards(factory, after_s=3600) == []  # at most once per period

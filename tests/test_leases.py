@@ -125,3 +125,20 @@ def test_out_of_memory_fails_the_run_with_a_clear_message(factory, run_id, tmp_p
         run = session.get(Run, run_id)
         assert run.status is RunStatus.FAILED
         assert run.error.startswith("out of memory") and "lower batch_size" in run.error
+
+
+def test_unclaimed_runs_are_sent_again_at_most_once_per_period(factory, run_id, tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from realfake.runs import resend_waiting_runs
+
+    assert resend_waiting_runs(factory, after_s=3600) == []  # just created: its message is fresh
+    an_hour_ago = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=2)
+    with session_scope(factory) as session:
+        session.execute(update(Run).where(Run.id == run_id).values(created_at=an_hour_ago))
+    assert resend_waiting_runs(factory, after_s=3600) == [run_id]
+    assert resend_waiting_runs(factory, after_s=3600) == []  # sent again just now
+    with session_scope(factory) as session:
+        session.execute(update(Run).where(Run.id == run_id).values(enqueued_at=an_hour_ago))
+    claim_run(factory, run_id, "w1", tmp_path, grace_s=60)
+    assert resend_waiting_runs(factory, after_s=3600) == []  # claimed: nothing to send

@@ -94,7 +94,7 @@ def test_concurrent_migrations_do_not_collide(tmp_path, pg_server_url):
             with ThreadPoolExecutor(4) as pool:
                 list(pool.map(migrate, engines))
             with engines[0].connect() as connection:
-                assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
+                assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0003"]
             for engine in engines:
                 engine.dispose()
     finally:

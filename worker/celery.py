@@ -74,12 +74,16 @@ app = make_app()
 
 
 class StaleRunSweeper(threading.Thread):
-    """Runs in every worker's main process: requeues runs whose worker went silent.
+    """Runs in every worker's main process: requeues runs whose worker went silent, and sends
+    again the messages that may have been lost.
 
     This is what recovers a run whose whole worker machine disappeared: any surviving or
     newly started worker notices the stale heartbeat in SQL within `interval_s` and
     enqueues the run again; the claim in SQL lets exactly one worker take it over, and it
-    resumes from the last checkpoint.
+    resumes from the last checkpoint. A message delivered to a worker just as the broker
+    went down can be left unacknowledged in the broker until its visibility timeout (days):
+    runs still unclaimed and scoring jobs with missing rows and no progress for
+    `REALFAKE_RESEND_AFTER_S` get their messages once more.
     """
 
     def __init__(self, celery: Celery, interval_s: float):
@@ -88,7 +92,8 @@ class StaleRunSweeper(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        from realfake.runs import requeue_stale_runs
+        from realfake.runs import requeue_stale_runs, resend_waiting_runs
+        from realfake.scoring import resend_missing_shards
         from realfake.store import make_engine, migrate, session_factory
 
         settings: Settings = self.celery.conf.realfake_settings
@@ -100,8 +105,12 @@ class StaleRunSweeper(threading.Thread):
                 if not migrated:  # a worker may be the first to touch an embedded database
                     migrate(engine)
                     migrated = True
-                for run_id in requeue_stale_runs(factory, settings.lease_grace_s):
+                runs = requeue_stale_runs(factory, settings.lease_grace_s)
+                runs += resend_waiting_runs(factory, settings.resend_after_s)
+                for run_id in runs:
                     self.celery.send_task("train_run", args=[run_id], queue=TRAIN_QUEUE)
+                for job_id, shard in resend_missing_shards(factory, settings.resend_after_s):
+                    self.celery.send_task("score_batch", args=[job_id, shard], queue=SCORE_QUEUE)
             except Exception:  # the database or broker is down: try again later
                 log.exception("stale-run sweep failed")
             if self.stopped.wait(self.interval_s):

@@ -91,6 +91,8 @@ class Run(Base):
     best_metric: Mapped[float | None] = mapped_column(Float)
     checkpoint_dir: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # when its message was last sent again by a sweeper (created_at before that)
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     sweep: Mapped[Sweep | None] = relationship(back_populates="runs")
     epochs: Mapped[list[EpochMetric]] = relationship(
@@ -153,6 +155,8 @@ class ScoringJob(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
+    # last shard written, or last time a sweeper sent its missing shards again
+    progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Prediction(Base):
