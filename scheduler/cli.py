@@ -47,7 +47,7 @@ from realfake.store import (
     session_factory,
     session_scope,
 )
-from realfake.sweeps import SpecError, load_spec, variant_label
+from realfake.sweeps import SpecError, expand, load_spec, variant_label
 from scheduler.local import LocalWorkers
 
 app = typer.Typer(help="Train and serve real-vs-fake face classifiers.", no_args_is_help=True, add_completion=False)
@@ -145,8 +145,6 @@ def sweep(
     spec = load_spec(spec_file)
     settings = _settings()
     if dry_run:
-        from realfake.sweeps import expand
-
         variants = expand(spec)
         if as_json:
             return _print_json({"name": spec.name, "variants": variants})
