@@ -15,14 +15,12 @@ import time
 from pathlib import Path
 
 import torch
-from sqlalchemy import func, select
 
 from realfake.config import Settings, SplitConfig, TrainConfig
 from realfake.models import imagenet_weights_cached
 from realfake.runs import create_run, train_run
-from realfake.scoring import ModelCache, create_scoring_job, score_shard
+from realfake.scoring import ModelCache, create_scoring_job, rows_written, score_shard
 from realfake.store import (
-    Prediction,
     make_engine,
     migrate,
     session_factory,
@@ -89,7 +87,7 @@ def main() -> None:
 
         def rows(job_id):
             with session_scope(factory) as session:
-                return session.scalar(select(func.count()).select_from(Prediction).where(Prediction.job_id == job_id))
+                return rows_written(session, job_id)
 
         cache = ModelCache()
         job_id, n_shards = new_job()

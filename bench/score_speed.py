@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import select
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
@@ -35,6 +35,7 @@ from realfake.scoring import (
     ModelCache,
     create_scoring_job,
     model_checkpoint,
+    rows_written,
     score_shard,
 )
 from realfake.store import (
@@ -149,7 +150,7 @@ def main() -> None:
 
             def done():
                 with session_scope(factory) as session:
-                    return session.scalar(select(func.count()).select_from(Prediction).where(Prediction.job_id == job_id)) >= n
+                    return rows_written(session, job_id) >= n
 
             wait_for(done, 1800, interval=0.1, what="the scoring job")
             return time.perf_counter() - started

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -32,7 +31,15 @@ from realfake.data import (
 )
 from realfake.metrics import Metrics
 from realfake.pruning import asha_prune_hook
-from realfake.store import EpochMetric, Run, RunStatus, Sweep, session_scope, upsert
+from realfake.store import (
+    EpochMetric,
+    Run,
+    RunStatus,
+    Sweep,
+    database_cutoff,
+    session_scope,
+    upsert,
+)
 from realfake.sweeps import SpecError, SweepSpec, expand
 from realfake.train import BestSoFar, FitResult, TrainHooks, fit
 
@@ -146,11 +153,6 @@ def _stale(cutoff) -> object:
     return and_(Run.status == RunStatus.RUNNING, or_(Run.heartbeat_at.is_(None), Run.heartbeat_at < cutoff))
 
 
-def _cutoff(session: Session, grace_s: float):
-    """Now minus the grace period, by the database's clock (workers' clocks may differ)."""
-    return session.scalar(select(func.now())) - timedelta(seconds=grace_s)
-
-
 def _held_by(lease: Lease):
     return and_(Run.id == lease.run_id, Run.attempt == lease.attempt, Run.status == RunStatus.RUNNING)
 
@@ -166,7 +168,7 @@ def claim_run(
         if run.cancel_requested and run.status is RunStatus.WAITING:
             run.status, run.finished_at = RunStatus.CANCELLED, func.now()
             return None
-        cutoff = _cutoff(session, grace_s)
+        cutoff = database_cutoff(session, grace_s)
         claimed = session.execute(
             update(Run)
             .where(
@@ -216,7 +218,7 @@ def requeue_stale_runs(factory: sessionmaker[Session], grace_s: float) -> list[i
     """
     requeued = []
     with session_scope(factory) as session:
-        cutoff = _cutoff(session, grace_s)
+        cutoff = database_cutoff(session, grace_s)
         stale = session.execute(select(Run.id, Run.attempt).where(_stale(cutoff))).all()
         for run_id, attempt in stale:
             if _fail_if_out_of_attempts(session, run_id, cutoff):
@@ -240,7 +242,7 @@ def resend_waiting_runs(factory: sessionmaker[Session], after_s: float) -> list[
     again, at most once per `after_s`; a duplicate is refused by the claim."""
     resend = []
     with session_scope(factory) as session:
-        cutoff = session.scalar(select(func.now())) - timedelta(seconds=after_s)
+        cutoff = database_cutoff(session, after_s)
         last_sent = func.coalesce(Run.enqueued_at, Run.created_at)
         waiting = session.execute(
             select(Run.id, Run.enqueued_at).where(

@@ -11,7 +11,6 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,15 @@ from realfake.data import (
 )
 from realfake.models import build_model
 from realfake.runs import RunNotFound
-from realfake.store import JobStatus, Prediction, Run, ScoringJob, session_scope, upsert
+from realfake.store import (
+    JobStatus,
+    Prediction,
+    Run,
+    ScoringJob,
+    database_cutoff,
+    session_scope,
+    upsert,
+)
 from realfake.train import Runtime, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -186,7 +193,7 @@ def score_shard(
     # Counted after the commit, in a transaction of its own: when the last shards finish at
     # once, each sees the others' committed rows, so the last to commit marks the job done.
     with session_scope(factory) as session:
-        done = session.scalar(select(func.count()).select_from(Prediction).where(Prediction.job_id == job_id))
+        done = rows_written(session, job_id)
         session.execute(
             update(ScoringJob)
             .where(ScoringJob.id == job_id, ScoringJob.n_files <= done, ScoringJob.status != JobStatus.DONE)
@@ -203,7 +210,7 @@ def resend_missing_shards(factory: sessionmaker[Session], after_s: float) -> lis
     them again, at most once per `after_s` per job; a duplicate only upserts the same rows."""
     resend = []
     with session_scope(factory) as session:
-        cutoff = session.scalar(select(func.now())) - timedelta(seconds=after_s)
+        cutoff = database_cutoff(session, after_s)
         last = func.coalesce(ScoringJob.progress_at, ScoringJob.created_at)
         stalled = session.execute(
             select(ScoringJob.id, ScoringJob.progress_at).where(ScoringJob.status != JobStatus.DONE, last < cutoff)
@@ -229,8 +236,11 @@ def job_progress(session: Session, job_id: int) -> tuple[int, int]:
     job = session.get(ScoringJob, job_id)
     if job is None:
         raise LookupError(f"scoring job {job_id} does not exist")
-    done = session.scalar(select(func.count()).select_from(Prediction).where(Prediction.job_id == job_id))
-    return done, job.n_files
+    return rows_written(session, job_id), job.n_files
+
+
+def rows_written(session: Session, job_id: int) -> int:
+    return session.scalar(select(func.count()).select_from(Prediction).where(Prediction.job_id == job_id))
 
 
 def predict_samples(checkpoint: Path, root: Path, samples: Sequence, cache: ModelCache | None = None) -> list[float]:

@@ -57,6 +57,7 @@ USER_ERRORS = (
     DatasetError, WeightsUnavailable, RunNotFound, ValidationError, SpecError, ScoringError,
     OutsideDataRoots, FileNotFoundError, LookupError,
 )
+PROGRESS_COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 JSON = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 LOCAL = Annotated[bool, typer.Option("--local", help="start worker processes here for the duration")]
 WORKERS = Annotated[int, typer.Option(min=1, help="worker processes with --local")]
@@ -116,8 +117,7 @@ def _warn_without_workers(celery, queue: str) -> None:
 
 def _wait_for_runs(factory, run_ids: list[int]) -> None:
     """A progress bar per run, fed from SQL, until every run has finished."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err) as progress:
+    with Progress(*PROGRESS_COLUMNS, console=err) as progress:
         tasks = {run_id: progress.add_task(f"run {run_id}", total=None) for run_id in run_ids}
         while True:
             with session_scope(factory) as session:
@@ -306,8 +306,7 @@ def score(
 
 
 def _wait_for_job(factory, job_id: int, total: int) -> None:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err) as progress:
+    with Progress(*PROGRESS_COLUMNS, console=err) as progress:
         task = progress.add_task(f"job {job_id} files", total=total)
         while True:
             with session_scope(factory) as session:

@@ -26,6 +26,10 @@ REDIS = os.environ.get("REALFAKE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 PG_ADMIN_URL = os.environ.get("REALFAKE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
+def empty_tables(connection) -> None:
+    connection.execute(text("TRUNCATE predictions, scoring_jobs, epoch_metrics, runs, sweeps RESTART IDENTITY CASCADE"))
+
+
 @pytest.fixture(scope="session")
 def pg_server_url():
     """A fresh PostgreSQL database for this test session, dropped at the end."""
@@ -55,9 +59,7 @@ def db_url(request, tmp_path):
     migrate(engine)
     yield url
     with engine.begin() as connection:  # leave the next test an empty schema
-        connection.execute(
-            text("TRUNCATE predictions, scoring_jobs, epoch_metrics, runs, sweeps RESTART IDENTITY CASCADE")
-        )
+        empty_tables(connection)
     engine.dispose()
 
 
@@ -120,9 +122,7 @@ def cluster_factory(cluster_env):
     engine = make_engine(cluster_env["REALFAKE_DATABASE_URL"])
     migrate(engine)
     with engine.begin() as connection:
-        connection.execute(
-            text("TRUNCATE predictions, scoring_jobs, epoch_metrics, runs, sweeps RESTART IDENTITY CASCADE")
-        )
+        empty_tables(connection)
     yield session_factory(engine)
     engine.dispose()
 

@@ -12,6 +12,7 @@ from realfake.store.models import (
     Sweep,
 )
 from realfake.store.session import (
+    database_cutoff,
     make_engine,
     migrate,
     session_factory,
@@ -28,6 +29,7 @@ __all__ = [
     "RunStatus",
     "RungValue",
     "ScoringJob",
+    "database_cutoff",
     "Sweep",
     "make_engine",
     "migrate",

@@ -5,11 +5,12 @@ from __future__ import annotations
 import fcntl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,6 +36,11 @@ def make_engine(url: str) -> Engine:
         cursor.close()
 
     return engine
+
+
+def database_cutoff(session: Session, seconds: float) -> datetime:
+    """Now minus `seconds`, by the database's clock (workers' clocks may differ)."""
+    return session.scalar(select(func.now())) - timedelta(seconds=seconds)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
