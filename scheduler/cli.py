@@ -156,8 +156,9 @@ def sweep(
     with session_scope(factory) as session:  # rows first ...
         created, runs = create_sweep(session, spec, data, settings.data_roots)
         sweep_id, run_ids = created.id, [r.id for r in runs]
-    for run_id in run_ids:  # ... then the messages, which carry only ids
-        celery.send_task("train_run", args=[run_id], queue="train")
+    from worker.celery import enqueue_runs
+
+    enqueue_runs(celery, run_ids)  # ... then the messages, which carry only ids
     err.print(f"sweep {sweep_id} '{spec.name}': runs {', '.join(map(str, run_ids))} enqueued")
     if not local:
         _warn_without_workers(celery, "train")
@@ -271,8 +272,9 @@ def score(
         run_id = _resolve_model(session, model, sweep)
         job = create_scoring_job(session, run_id, folder, batch_size, shard_size, settings.data_roots)
         job_id, n_shards, n_files = job.id, job.n_shards, job.n_files
-    for shard in range(n_shards):
-        celery.send_task("score_batch", args=[job_id, shard], queue="score")
+    from worker.celery import enqueue_shards
+
+    enqueue_shards(celery, ((job_id, shard) for shard in range(n_shards)))
     err.print(f"scoring job {job_id}: {n_files} files in {n_shards} shards with run {run_id}")
     if local:
         with LocalWorkers(workers, settings.home / "logs"):

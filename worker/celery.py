@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Iterable
 
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
@@ -26,12 +28,13 @@ VISIBILITY_TIMEOUT_S = 7 * 24 * 3600  # longer than any run: a slow run is never
 def broker_transport_options(settings: Settings) -> dict:
     if settings.broker_url.startswith("filesystem:"):
         folder = settings.home / "broker"
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),  # the default is ./control in the working directory
             "store_processed": False,
         }
     return {"visibility_timeout": VISIBILITY_TIMEOUT_S}
@@ -73,6 +76,26 @@ def make_app(settings: Settings | None = None) -> Celery:
 app = make_app()
 
 
+def enqueue_runs(celery: Celery, run_ids: Iterable[int]) -> None:
+    """One train_run message per run, taken by workers in this order."""
+    for run_id in run_ids:
+        _send_in_order(celery, "train_run", [run_id], TRAIN_QUEUE)
+
+
+def enqueue_shards(celery: Celery, shards: Iterable[tuple[int, int]]) -> None:
+    """One score_batch message per (job id, shard), taken by workers in this order."""
+    for job_id, shard in shards:
+        _send_in_order(celery, "score_batch", [job_id, shard], SCORE_QUEUE)
+
+
+def _send_in_order(celery: Celery, task: str, args: list, queue: str) -> None:
+    celery.send_task(task, args=args, queue=queue)
+    if celery.conf.broker_url.startswith("filesystem:"):
+        # The filesystem transport names messages by the millisecond and reads them in name
+        # order: two sent in the same millisecond would be taken in random order.
+        time.sleep(0.0015)
+
+
 class StaleRunSweeper(threading.Thread):
     """Runs in every worker's main process: requeues runs whose worker went silent, and sends
     again the messages that may have been lost.
@@ -107,10 +130,8 @@ class StaleRunSweeper(threading.Thread):
                     migrated = True
                 runs = requeue_stale_runs(factory, settings.lease_grace_s)
                 runs += resend_waiting_runs(factory, settings.resend_after_s)
-                for run_id in runs:
-                    self.celery.send_task("train_run", args=[run_id], queue=TRAIN_QUEUE)
-                for job_id, shard in resend_missing_shards(factory, settings.resend_after_s):
-                    self.celery.send_task("score_batch", args=[job_id, shard], queue=SCORE_QUEUE)
+                enqueue_runs(self.celery, runs)
+                enqueue_shards(self.celery, resend_missing_shards(factory, settings.resend_after_s))
             except Exception:  # the database or broker is down: try again later
                 log.exception("stale-run sweep failed")
             if self.stopped.wait(self.interval_s):
