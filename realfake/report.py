@@ -95,7 +95,8 @@ def render_report(session: Session, run_id: int, out: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
     from sklearn.metrics import roc_curve
 
-    from realfake.scoring import model_checkpoint, predict_samples
+    from realfake.evaluation import predict
+    from realfake.scoring import model_checkpoint
 
     detail = run_detail(session, run_id)
     run = session.get(Run, run_id)
@@ -134,7 +135,7 @@ def render_report(session: Session, run_id: int, out: Path) -> Path:
         )
         samples = samples_from_json(run.split)["test"]
         try:
-            scores = predict_samples(model_checkpoint(run), Path(run.data_root), samples)
+            scores = predict(model_checkpoint(run), Path(run.data_root), samples).tolist()
         except Exception as error:  # a moved checkpoint or data folder: the rest still renders
             sections.append(f"<p>ROC curve unavailable: {html.escape(str(error))}</p>")
         else:

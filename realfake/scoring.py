@@ -23,7 +23,6 @@ from realfake.config import TrainConfig
 from realfake.data import (
     IMAGE_SUFFIXES,
     ensure_inside,
-    eval_transform,
     load_for_eval,
     normalize_batch,
 )
@@ -69,25 +68,34 @@ def model_checkpoint(run: Run) -> Path:
 
 def create_scoring_job(
     session: Session,
-    run_id: int,
+    run_id: int | Sequence[int],
     folder: Path | str,
     batch_size: int = 64,
     shard_size: int = 256,
     roots: Sequence[Path] = (),
 ) -> ScoringJob:
+    """A job over every image under `folder`, scored by one run or by the mean P(fake) of several."""
+    run_ids = [run_id] if isinstance(run_id, int) else list(dict.fromkeys(run_id))
     folder = Path(folder).absolute()
     if not folder.is_dir():
         raise ScoringError(f"folder {folder} does not exist or is not a folder")
     if roots:
         ensure_inside(folder, roots)
-    run = session.get(Run, run_id)
-    if run is None:
-        raise RunNotFound(f"run {run_id} does not exist")
-    model_checkpoint(run)
+    inputs = set()
+    for each in run_ids:
+        run = session.get(Run, each)
+        if run is None:
+            raise RunNotFound(f"run {each} does not exist")
+        model_checkpoint(run)
+        inputs.add((run.config.get("resize"), run.config.get("image_size")))
+    if len(inputs) > 1:
+        raise ScoringError(f"runs {', '.join(map(str, run_ids))} do not share one input size (resize, image_size): "
+                           f"{sorted(inputs)}; an ensemble scores one decoded image with every model")
     files = list_files(folder)
     shards = [files[i : i + shard_size] for i in range(0, len(files), shard_size)]
     job = ScoringJob(
-        run_id=run_id,
+        run_id=run_ids[0],
+        run_ids=run_ids if len(run_ids) > 1 else None,
         folder=str(folder),
         n_files=len(files),
         n_shards=len(shards),
@@ -162,10 +170,12 @@ def score_shard(
         if not 0 <= shard < job.n_shards:
             raise LookupError(f"scoring job {job_id} has no shard {shard}")
         files, folder, batch_size = job.shards[shard], Path(job.folder), job.batch_size
-        checkpoint = model_checkpoint(session.get(Run, job.run_id))
+        checkpoints = [model_checkpoint(session.get(Run, run_id)) for run_id in job.run_ids or [job.run_id]]
         if job.status is JobStatus.WAITING:
             job.status = JobStatus.RUNNING
-    model, config, runtime = cache.get(checkpoint)
+    cache.capacity = max(cache.capacity, len(checkpoints))
+    models = [cache.get(checkpoint) for checkpoint in checkpoints]
+    _, config, runtime = models[0]
     allowed = list(roots) or [folder]
     rows = []
     threads = threads or min(8, (os.cpu_count() or 2) * 2)
@@ -178,8 +188,10 @@ def score_shard(
             if good:
                 images = runtime.to_device(normalize_batch([p for _, p in good]))
                 with torch.inference_mode(), runtime.autocast():
-                    logits = model(images)
-                probabilities = torch.softmax(logits.float(), dim=1)[:, 1].cpu().tolist()
+                    # an ensemble's P(fake) is the mean of its models'
+                    probabilities = torch.stack(
+                        [torch.softmax(model(images).float(), dim=1)[:, 1] for model, _, _ in models]
+                    ).mean(0).cpu().tolist()
                 p_fake = {rel: p for (rel, _), p in zip(good, probabilities)}
             for rel, _, error in batch:
                 p = p_fake.get(rel)
@@ -241,18 +253,3 @@ def job_progress(session: Session, job_id: int) -> tuple[int, int]:
 
 def rows_written(session: Session, job_id: int) -> int:
     return session.scalar(select(func.count()).select_from(Prediction).where(Prediction.job_id == job_id))
-
-
-def predict_samples(checkpoint: Path, root: Path, samples: Sequence, cache: ModelCache | None = None) -> list[float]:
-    """P(fake) of each of a run's recorded samples under `checkpoint` (for ROC curves)."""
-    from realfake.data import FaceDataset
-
-    model, config, runtime = (cache or ModelCache()).get(checkpoint)
-    dataset = FaceDataset(root, samples, eval_transform(config))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
-    scores: list[float] = []
-    with torch.inference_mode(), runtime.autocast():
-        for images, _, _ in loader:
-            logits = model(runtime.to_device(images)).float()
-            scores += torch.softmax(logits, dim=1)[:, 1].cpu().tolist()
-    return scores

@@ -32,6 +32,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from realfake.config import Settings
 from realfake.data import DatasetError, OutsideDataRoots
+from realfake.evaluation import EvaluationError, evaluate_runs
 from realfake.models import WeightsUnavailable
 from realfake.report import list_runs, render_report, run_detail
 from realfake.runs import RunNotFound, create_sweep, request_cancel
@@ -55,7 +56,7 @@ console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 USER_ERRORS = (
     DatasetError, WeightsUnavailable, RunNotFound, ValidationError, SpecError, ScoringError,
-    OutsideDataRoots, FileNotFoundError, LookupError,
+    OutsideDataRoots, FileNotFoundError, LookupError, EvaluationError,
 )
 PROGRESS_COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 JSON = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
@@ -236,27 +237,38 @@ def cancel(
         console.print(f"run {run_id}: {'cancel requested' if status is RunStatus.RUNNING else status.value}")
 
 
-def _resolve_model(session, model: str, sweep_id: int | None) -> int:
-    """A run id, or `best`: the best succeeded run of the sweep (the latest sweep by default)."""
-    if model.isdigit():
-        return int(model)
-    if model != "best":
-        raise typer.BadParameter(f"{model!r} is neither a run id nor 'best'", param_hint="--model")
+def _resolve_models(session, model: str, sweep_id: int | None) -> list[int]:
+    """RUN, RUN,RUN,... (an ensemble), `best`, or `topN`: the sweep's N best succeeded runs
+    (the latest sweep by default)."""
+    if all(part.strip().isdigit() for part in model.split(",")):
+        return [int(part) for part in model.split(",")]
+    if model == "best":
+        return _best_runs(session, sweep_id, 1)
+    if model.startswith("top") and model[3:].isdigit() and int(model[3:]) >= 1:
+        return _best_runs(session, sweep_id, int(model[3:]))
+    raise typer.BadParameter(f"{model!r} is none of: a run id, run ids joined by commas, 'best', 'topN'",
+                             param_hint="--model")
+
+
+def _best_runs(session, sweep_id: int | None, count: int) -> list[int]:
+    """The `count` best succeeded runs of the sweep (the latest sweep by default), best first."""
     if sweep_id is None:
         sweep_id = session.scalar(select(Sweep.id).order_by(Sweep.id.desc()).limit(1))
         if sweep_id is None:
-            raise LookupError("--model best needs a sweep, and there is none yet")
-    rows = [r for r in list_runs(session, sweep_id) if r["status"] == "succeeded" and r["best_metric"] is not None]
-    if not rows:
-        raise LookupError(f"sweep {sweep_id} has no succeeded run to score with")
-    return rows[0]["id"]
+            raise LookupError("there is no sweep yet")
+    elif session.get(Sweep, sweep_id) is None:
+        raise LookupError(f"sweep {sweep_id} does not exist")
+    rows = [r["id"] for r in list_runs(session, sweep_id) if r["status"] == "succeeded" and r["best_metric"] is not None]
+    if len(rows) < count:
+        raise LookupError(f"sweep {sweep_id} has {len(rows)} succeeded run{'' if len(rows) == 1 else 's'}, fewer than {count}")
+    return rows[:count]
 
 
 @app.command()
 def score(
     folder: Annotated[Path, typer.Argument(help="folder of images, searched recursively")],
-    model: Annotated[str, typer.Option(help="run id, or 'best' (best succeeded run of the sweep)")] = "best",
-    sweep: Annotated[Optional[int], typer.Option(help="sweep for --model best (default: the latest)")] = None,
+    model: Annotated[str, typer.Option(help="run id; 'best' or 'topN' of the sweep; ids joined by commas (mean P(fake))")] = "best",
+    sweep: Annotated[Optional[int], typer.Option(help="sweep for --model best|topN (default: the latest)")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     shard_size: Annotated[int, typer.Option(min=1, help="files per task")] = 256,
     out: Annotated[Optional[Path], typer.Option(help="CSV to write: path,p_fake,label,error")] = None,
@@ -269,13 +281,14 @@ def score(
     factory = _database(settings)
     celery = _celery(settings)
     with session_scope(factory) as session:
-        run_id = _resolve_model(session, model, sweep)
-        job = create_scoring_job(session, run_id, folder, batch_size, shard_size, settings.data_roots)
+        run_ids = _resolve_models(session, model, sweep)
+        job = create_scoring_job(session, run_ids, folder, batch_size, shard_size, settings.data_roots)
         job_id, n_shards, n_files = job.id, job.n_shards, job.n_files
     from worker.celery import enqueue_shards
 
     enqueue_shards(celery, ((job_id, shard) for shard in range(n_shards)))
-    err.print(f"scoring job {job_id}: {n_files} files in {n_shards} shards with run {run_id}")
+    models = f"run {run_ids[0]}" if len(run_ids) == 1 else f"the mean of runs {', '.join(map(str, run_ids))}"
+    err.print(f"scoring job {job_id}: {n_files} files in {n_shards} shards with {models}")
     if local:
         with LocalWorkers(workers, settings.home / "logs"):
             _wait_for_job(factory, job_id, n_files)
@@ -296,7 +309,7 @@ def score(
             writer.writeheader()
             writer.writerows(records)
     errors = sum(r["error"] is not None for r in records)
-    summary = {"job_id": job_id, "run_id": run_id, "files": n_files, "scored": len(records) - errors,
+    summary = {"job_id": job_id, "run_id": run_ids[0], "run_ids": run_ids, "files": n_files, "scored": len(records) - errors,
                "errors": errors, "fake": sum(r["label"] == "fake" for r in records), "out": str(out) if out else None}
     if as_json:
         _print_json(summary | {"predictions": records if out is None else None})
@@ -328,6 +341,42 @@ def report(
     with session_scope(_database(_settings())) as session:
         path = render_report(session, run, out)
     console.print(f"report of run {run} written to {path}")
+
+
+@app.command()
+def evaluate(
+    runs: Annotated[Optional[list[int]], typer.Argument(help="run ids; several are averaged (an ensemble)")] = None,
+    top: Annotated[Optional[int], typer.Option(min=1, help="the sweep's N best succeeded runs, averaged")] = None,
+    sweep: Annotated[Optional[int], typer.Option(help="sweep for --top (default: the latest)")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="also score the mirror image and average")] = False,
+    threshold: Annotated[str, typer.Option(help="'val': the cut-off with the best validation accuracy; or a number")] = "val",
+    as_json: JSON = False,
+) -> None:
+    """Test-split metrics with confidence intervals, per group and on the shortcut-free part."""
+    if threshold != "val":
+        try:
+            if not 0.0 <= float(threshold) <= 1.0:
+                raise ValueError
+        except ValueError:
+            raise typer.BadParameter(f"must be 'val' or a number in [0, 1], not {threshold!r}", param_hint="--threshold")
+    with session_scope(_database(_settings())) as session:
+        if top is not None:
+            runs = _best_runs(session, sweep, top)
+        if not runs:
+            raise typer.BadParameter("give run ids or --top N", param_hint="RUNS")
+        result = evaluate_runs(session, runs, tta=tta, threshold=threshold)
+    if as_json:
+        return _print_json(result)
+    title = f"run{'s' if len(runs) > 1 else ''} {', '.join(map(str, runs))}{' with TTA' if tta else ''}"
+    table = Table("test part", "n", "accuracy (95% CI)", "ROC-AUC", "F1", title=f"{title}, P(fake) >= {result['threshold']:.3f}")
+    for name, key in (("all", "test"), ("shortcut-free", "test_shortcut_free"), ("all, cut-off 0.5", "test_at_0.5")):
+        m = result[key]
+        low, high = m["accuracy_ci95"]
+        table.add_row(name, str(m["n"]), f"{m['accuracy']:.3f} ({low:.3f}-{high:.3f})", _fmt(m["roc_auc"]), _fmt(m["f1"]))
+    for group, g in result["test"]["groups"].items():
+        low, high = g["ci95"]
+        table.add_row(f"group {group}", str(g["n"]), f"{g['accuracy']:.3f} ({low:.3f}-{high:.3f})", "", "")
+    console.print(table)
 
 
 @app.command()

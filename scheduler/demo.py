@@ -63,6 +63,6 @@ def run_demo(workdir: Path, data: Path | None, epochs: int, console: Console) ->
         console.print(f"   predictions: {predictions}")
     settings = cli._settings()
     with cli.session_scope(cli._database(settings)) as session:
-        best = cli._resolve_model(session, "best", None)
+        best = cli._best_runs(session, None, 1)[0]
     cli.report(best, out=workdir / "report.html")
     console.print(f"4. done. Try: REALFAKE_HOME={workdir / '.realfake'} realfake-scheduler runs")

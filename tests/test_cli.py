@@ -119,6 +119,68 @@ def test_scoring_a_folder_writes_one_csv_row_per_file(home, finished_sweep, tmp_
     assert page.count("data:image/png;base64") == 2 and "predicted fake" in page and "ROC" in page
 
 
+@pytest.mark.slow
+def test_an_ensemble_scores_the_mean_p_fake_of_its_runs(home, finished_sweep, tmp_path):
+    root, env = home
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for image in sorted((root / "data" / "fake").iterdir())[:3] + sorted((root / "data" / "real").iterdir())[:3]:
+        shutil.copy(image, folder / image.name)
+    ids = [r["id"] for r in finished_sweep]
+
+    def p_fake(model: str) -> tuple[list[int], dict[str, float]]:
+        result = cli("score", folder, "--model", model, "--local", "--json", env=env, cwd=root)
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        return summary["run_ids"], {os.path.basename(r["path"]): r["p_fake"] for r in summary["predictions"]}
+
+    (first,), alone = p_fake(str(ids[0]))
+    (second,), other = p_fake(str(ids[1]))
+    both_ids, both = p_fake(f"{ids[0]},{ids[1]}")
+    assert (first, second, both_ids) == (ids[0], ids[1], ids)
+    for name, p in both.items():
+        assert p == pytest.approx((alone[name] + other[name]) / 2, abs=1e-4)
+    assert len(set(alone.values())) > 1 and alone != other
+
+    result = cli("score", folder, "--model", "top2", "--sweep", "1", env=env, cwd=root)
+    assert result.returncode == 2 and "1 succeeded run, fewer than 2" in result.stderr
+    result = cli("score", folder, "--model", "worst", env=env, cwd=root)
+    assert result.returncode == 2 and "'topN'" in result.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_reports_the_test_split_per_group_and_shortcut_free(home, finished_sweep):
+    root, env = home
+    strong = finished_sweep[0]["id"]
+    result = cli("evaluate", strong, "--json", env=env, cwd=root)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    test = report["test"]
+    assert test["n"] == 40 and set(test["groups"]) == {"easy", "hard", "real"}  # 20% of 200, by group
+    assert sum(g["n"] for g in test["groups"].values()) == test["n"]
+    for part in [test, *test["groups"].values()]:
+        low, high = part["accuracy_ci95"] if "accuracy_ci95" in part else part["ci95"]
+        assert low <= part["accuracy"] <= high
+    assert test["accuracy"] >= 0.9 and 0.0 <= report["threshold"] <= 1.0
+    # every synthetic image is saved at one JPEG quality: nothing is left out as a shortcut
+    assert report["test_shortcut_free"]["n"] == test["n"]
+
+    ids = [r["id"] for r in finished_sweep]
+    ensemble = cli("evaluate", *ids, "--tta", "--threshold", "0.5", "--json", env=env, cwd=root)
+    assert ensemble.returncode == 0, ensemble.stderr
+    both = json.loads(ensemble.stdout)
+    assert both["runs"] == ids and both["tta"] and both["threshold"] == 0.5 and both["test"]["n"] == 40
+    top = json.loads(cli("evaluate", "--top", "1", "--sweep", "1", "--json", env=env, cwd=root).stdout)
+    assert top["runs"] == [strong] and top["test"] == report["test"]
+
+    table = cli("evaluate", strong, env=env, cwd=root)
+    assert table.returncode == 0 and "shortcut-free" in table.stdout and "group hard" in table.stdout
+    for args, message in [(("999",), "no such run: 999"), (("--top", "2", "--sweep", "1"), "1 succeeded run, fewer than 2"),
+                          ((str(strong), "--threshold", "high"), "--threshold")]:
+        result = cli("evaluate", *args, env=env, cwd=root)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
 def test_a_bad_sweep_is_rejected_before_anything_is_written(home, tmp_path):
     root, env = home
     env = env | {"REALFAKE_HOME": str(tmp_path / ".realfake")}

@@ -1,7 +1,9 @@
 import math
 
+import numpy as np
 import pytest
 
+from realfake.evaluation import best_threshold, wilson_interval
 from realfake.metrics import compute_metrics
 
 
@@ -34,3 +36,15 @@ def test_mismatched_inputs_are_rejected():
         compute_metrics([1, 0], [0.5])
     with pytest.raises(ValueError):
         compute_metrics([], [])
+
+
+def test_the_validation_threshold_maximises_accuracy_and_the_interval_is_wilsons():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.05, 0.1, 0.2, 0.3, 0.32, 0.4, 0.45, 0.9])  # separable at 0.31, not at 0.5
+    cut = best_threshold(labels, scores)
+    assert 0.3 < cut <= 0.32 and np.all((scores >= cut) == labels)
+    assert best_threshold(np.array([1, 1]), np.array([0.2, 0.9])) == 0.5  # one class: nothing to learn
+
+    low, high = wilson_interval(8, 10)  # textbook values for 8 of 10
+    assert (round(low, 3), round(high, 3)) == (0.49, 0.943)
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == pytest.approx(1.0)

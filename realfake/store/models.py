@@ -146,6 +146,7 @@ class ScoringJob(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    run_ids: Mapped[list | None] = mapped_column(JSON)  # an ensemble's runs (run_id is the first); else null
     folder: Mapped[str] = mapped_column(Text)
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_status"), default=JobStatus.WAITING)
     n_files: Mapped[int] = mapped_column(Integer, default=0)

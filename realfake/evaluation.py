@@ -1,0 +1,130 @@
+"""Held-out evaluation of a trained run, or of an ensemble of runs that share a split.
+
+What a training run records per epoch is enough to pick a model; this is what to report
+about it: test metrics with the decision threshold chosen on validation, optional
+test-time augmentation (horizontal flip), accuracy per group with 95% confidence
+intervals, and the metrics on the shortcut-free part of the test split (real faces and the
+fakes whose JPEG quantization tables also occur among the reals: see `realfake.audit`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import binomtest
+from sklearn.metrics import roc_curve
+from sqlalchemy.orm import Session
+
+from realfake.audit import image_metadata
+from realfake.data import FaceDataset, Sample, eval_transform, samples_from_json
+from realfake.metrics import compute_metrics
+from realfake.scoring import ModelCache, model_checkpoint
+from realfake.store import Run
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Predictions:
+    val: np.ndarray  # P(fake) per sample, in the order of the run's recorded split
+    test: np.ndarray
+
+
+def predict(checkpoint: Path, root: Path, samples: Sequence[Sample], tta: bool = False,
+            cache: ModelCache | None = None) -> np.ndarray:
+    """P(fake) of each sample; with `tta`, the mean over the image and its mirror image."""
+    model, config, runtime = (cache or ModelCache()).get(checkpoint)
+    loader = torch.utils.data.DataLoader(FaceDataset(root, samples, eval_transform(config)), batch_size=64)
+    scores = []
+    with torch.inference_mode(), runtime.autocast():
+        for images, _, _ in loader:
+            images = runtime.to_device(images)
+            views = [images, images.flip(-1)] if tta else [images]
+            probabilities = [torch.softmax(model(view).float(), dim=1)[:, 1] for view in views]
+            scores.append(torch.stack(probabilities).mean(0).cpu())
+    return torch.cat(scores).numpy() if scores else np.zeros(0)
+
+
+def best_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The P(fake) cut-off with the highest accuracy on these (validation) samples."""
+    if len(set(labels.tolist())) < 2:
+        return 0.5
+    _, _, thresholds = roc_curve(labels, scores)
+    candidates = np.clip(thresholds, 0.0, 1.0)
+    accuracy = [np.mean((scores >= t) == labels) for t in candidates]
+    return float(candidates[int(np.argmax(accuracy))])
+
+
+def wilson_interval(correct: int, total: int) -> tuple[float, float]:
+    interval = binomtest(correct, total).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def shortcut_free(root: Path, samples: Sequence[Sample], reference: Sequence[Sample]) -> np.ndarray:
+    """Mask of `samples` that a JPEG-table rule cannot tell apart: every real image, and the
+    fakes whose quantization tables occur among the real images of `reference`."""
+    real_tables = {image_metadata(root / s.path)["quant_tables"] for s in reference if s.label == 0}
+    return np.array([s.label == 0 or image_metadata(root / s.path)["quant_tables"] in real_tables for s in samples])
+
+
+def summarize(samples: Sequence[Sample], scores: np.ndarray, threshold: float) -> dict:
+    """Metrics at `threshold`, with 95% Wilson intervals for the accuracy overall and per group."""
+    labels = np.array([s.label for s in samples])
+    groups = [s.group for s in samples]
+    metrics = compute_metrics(labels.tolist(), scores.tolist(), groups=groups, threshold=threshold).as_dict()
+    correct = (scores >= threshold) == labels
+    per_group = {}
+    for group in metrics.pop("group_accuracy"):
+        mask = np.array([g == group for g in groups])
+        per_group[group] = {"n": int(mask.sum()), "accuracy": float(correct[mask].mean()),
+                            "ci95": wilson_interval(int(correct[mask].sum()), int(mask.sum()))}
+    return metrics | {"accuracy_ci95": wilson_interval(int(correct.sum()), len(labels)), "groups": per_group}
+
+
+def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, threshold: str = "val",
+                  cache: ModelCache | None = None) -> dict:
+    """Test metrics of one run, or of the mean P(fake) of several that share data and split.
+
+    `threshold`: "val" picks the cut-off on the validation split; a number fixes it.
+    """
+    runs = [session.get(Run, run_id) for run_id in run_ids]
+    missing = [run_id for run_id, run in zip(run_ids, runs) if run is None]
+    if missing:
+        raise EvaluationError(f"no such run: {', '.join(map(str, missing))}")
+    if len({(run.data_root, repr(run.split)) for run in runs}) > 1:
+        raise EvaluationError("an ensemble needs runs trained on the same data and split")
+    root, parts = Path(runs[0].data_root), samples_from_json(runs[0].split)
+    if not parts.get("test"):
+        raise EvaluationError(f"run {runs[0].id} has no test split")
+    cache = cache or ModelCache()
+    predictions = []
+    for run in runs:
+        checkpoint = model_checkpoint(run)
+        predictions.append(Predictions(
+            val=predict(checkpoint, root, parts.get("val", []), tta, cache),
+            test=predict(checkpoint, root, parts["test"], tta, cache),
+        ))
+    val = np.mean([p.val for p in predictions], axis=0)
+    test = np.mean([p.test for p in predictions], axis=0)
+    if threshold == "val":
+        if not parts.get("val"):
+            raise EvaluationError("threshold 'val' needs a validation split")
+        cut = best_threshold(np.array([s.label for s in parts["val"]]), val)
+    else:
+        cut = float(threshold)
+    clean = shortcut_free(root, parts["test"], [s for part in parts.values() for s in part])
+    clean_samples = [s for s, keep in zip(parts["test"], clean) if keep]
+    return {
+        "runs": list(run_ids),
+        "tta": tta,
+        "threshold": cut,
+        "test": summarize(parts["test"], test, cut),
+        "test_shortcut_free": summarize(clean_samples, test[clean], cut),
+        "test_at_0.5": summarize(parts["test"], test, 0.5),
+    }
