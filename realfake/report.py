@@ -35,13 +35,17 @@ def run_summary(run: Run) -> dict:
     }
 
 
-def _at_best(session: Session, run: Run) -> dict[str, dict]:
-    if run.best_epoch is None:
-        return {}
-    rows = session.scalars(
-        select(EpochMetric).where(EpochMetric.run_id == run.id, EpochMetric.epoch == run.best_epoch)
-    )
-    return {row.split: {f: getattr(row, f) for f in ("accuracy", "f1", "roc_auc", "loss")} for row in rows}
+def _at_best(session: Session, runs: list[Run]) -> dict[int, dict[str, dict]]:
+    """Each run's val and test metrics at its best epoch, in one query."""
+    rows = session.execute(
+        select(EpochMetric)
+        .join(Run, (EpochMetric.run_id == Run.id) & (EpochMetric.epoch == Run.best_epoch))
+        .where(Run.id.in_([run.id for run in runs]))
+    ).scalars()
+    found: dict[int, dict[str, dict]] = {}
+    for row in rows:
+        found.setdefault(row.run_id, {})[row.split] = {f: getattr(row, f) for f in ("accuracy", "f1", "roc_auc", "loss")}
+    return found
 
 
 def list_runs(session: Session, sweep_id: int | None = None) -> list[dict]:
@@ -53,10 +57,9 @@ def list_runs(session: Session, sweep_id: int | None = None) -> list[dict]:
     goal = "maximize"
     if sweep_id is not None and (sweep := session.get(Sweep, sweep_id)) is not None:
         goal = sweep.metric_goal
-    rows = []
-    for run in runs:
-        at_best = _at_best(session, run)
-        rows.append(run_summary(run) | {"val": at_best.get("val"), "test": at_best.get("test")})
+    at_best = _at_best(session, runs)
+    rows = [run_summary(run) | {"val": at_best.get(run.id, {}).get("val"), "test": at_best.get(run.id, {}).get("test")}
+            for run in runs]
     sign = -1 if goal == "maximize" else 1
     return sorted(rows, key=lambda r: (r["best_metric"] is None, sign * (r["best_metric"] or 0), r["id"]))
 

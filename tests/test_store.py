@@ -6,6 +6,7 @@ from sqlalchemy.exc import IntegrityError
 
 from realfake.config import SplitConfig, TrainConfig
 from realfake.metrics import compute_metrics
+from realfake.report import list_runs
 from realfake.runs import create_run, epoch_rows, record_epoch
 from realfake.store import (
     Base,
@@ -104,3 +105,21 @@ def test_concurrent_migrations_do_not_collide(tmp_path, pg_server_url):
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def test_the_leaderboard_reads_each_run_at_its_best_epoch(factory, synthetic_data):
+    with session_scope(factory) as session:
+        ids = [create_run(session, TrainConfig(), synthetic_data, SplitConfig()).id for _ in range(3)]
+    weak, strong = compute_metrics([0, 1, 1, 0], [0.6, 0.7, 0.4, 0.2]), compute_metrics([0, 1, 1, 0], [0.1, 0.7, 0.9, 0.2])
+    with session_scope(factory) as session:
+        for run_id, best_epoch, best in ((ids[0], 2, weak), (ids[1], 1, strong)):
+            record_epoch(session, run_id, 1, {"val": strong if best_epoch == 1 else weak, "test": best})
+            record_epoch(session, run_id, 2, {"val": weak, "test": best})
+            run = session.get(Run, run_id)
+            run.best_epoch, run.best_metric = best_epoch, best.accuracy
+    with session_scope(factory) as session:
+        rows = list_runs(session)
+    assert [r["id"] for r in rows] == [ids[1], ids[0], ids[2]]  # best first, the untrained one last
+    assert rows[0]["val"]["accuracy"] == 1.0 and rows[0]["test"]["accuracy"] == 1.0
+    assert rows[1]["val"]["accuracy"] == 0.5 and rows[1]["test"]["accuracy"] == 0.5
+    assert rows[2]["val"] is None and rows[2]["test"] is None
