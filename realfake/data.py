@@ -224,6 +224,62 @@ def normalize_batch(images: Sequence[np.ndarray]) -> torch.Tensor:
     return (batch - _MEAN) / _STD
 
 
+def normalize_chw(batch: torch.Tensor) -> torch.Tensor:
+    """NCHW uint8 on any device to the normalised float batch, on that device."""
+    mean, std = _MEAN.to(batch.device), _STD.to(batch.device)
+    return (batch.float() - mean) / std
+
+
+def read_for_device(path: Path, resize: int, crop: int) -> torch.Tensor | np.ndarray:
+    """A plain JPEG's bytes, to be decoded on the model's device; any other image decoded
+    here by `load_for_eval` (HWC uint8)."""
+    with Image.open(path) as image:  # the header only: format, mode, size (the bomb check)
+        plain = image.format == "JPEG" and image.mode in ("RGB", "L")
+    if plain:
+        return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    return load_for_eval(path, resize, crop)
+
+
+def decode_on_device(
+    items: Sequence[tuple[Path, torch.Tensor | np.ndarray]], device: torch.device, resize: int, crop: int
+) -> list[tuple[torch.Tensor | None, str | None]]:
+    """What `read_for_device` returned, as CHW uint8 images on `device`, resized and centre
+    cropped there. JPEGs are decoded in one batched call (nvJPEG on CUDA); a file that fails
+    it is decoded alone, then on the CPU, so one bad file does not cost the others."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    def decode_one(path: Path, data: torch.Tensor) -> torch.Tensor:
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        except RuntimeError:  # a JPEG the device decoder refuses may still open with PIL
+            return torch.from_numpy(np.asarray(load_rgb(path))).permute(2, 0, 1).to(device)
+
+    jpegs = [i for i, (_, data) in enumerate(items) if isinstance(data, torch.Tensor)]
+    decoded: dict[int, torch.Tensor] = {}
+    if jpegs:
+        try:
+            batch = decode_jpeg([items[i][1] for i in jpegs], mode=ImageReadMode.RGB, device=device,
+                                apply_exif_orientation=True)
+            decoded = dict(zip(jpegs, batch))
+        except RuntimeError:
+            pass  # decoded one by one below
+    results: list[tuple[torch.Tensor | None, str | None]] = []
+    for index, (path, data) in enumerate(items):
+        try:
+            if isinstance(data, np.ndarray):  # already resized and cropped on the CPU
+                results.append((torch.from_numpy(data).permute(2, 0, 1).to(device), None))
+                continue
+            image = decoded.get(index)
+            if image is None:
+                image = decode_one(path, data)
+            image = F.center_crop(F.resize(image, [resize], antialias=True), [crop])
+            results.append((image, None))
+        except Exception as error:
+            results.append((None, f"{type(error).__name__}: {error}"))
+    return results
+
+
 def check_images(root: Path, samples: Sequence[Sample], threads: int = 8) -> None:
     """Decode every image (at reduced scale where the format allows) before a run starts."""
 

@@ -2,6 +2,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -11,10 +12,13 @@ from realfake.data import (
     DatasetError,
     FaceDataset,
     OutsideDataRoots,
+    decode_on_device,
     discover,
     ensure_inside,
     eval_transform,
     group_of,
+    load_for_eval,
+    read_for_device,
     stratified_split,
     train_transform,
 )
@@ -168,3 +172,27 @@ def test_decoded_cache_matches_decoding_and_is_reused_until_a_file_changes(synth
     red = rebuilt.load(3)
     assert red.shape == (3, 72, 72) and red[0].float().mean() > 250 and red[1].float().mean() < 5
     assert DecodedCache(tmp_path / "cache", data, samples, TrainConfig(resize=96, image_size=64)).dir != cache.dir
+
+
+def test_batched_jpeg_decoding_on_a_device_matches_the_pil_path(tmp_path):
+    """decode_on_device is the GPU scoring path (nvJPEG); on the CPU device it must give the
+    pixels load_for_eval gives, EXIF orientation included, and keep other formats on PIL."""
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((48, 80, 3)) * 255).astype(np.uint8)
+    pixels = np.asarray(Image.fromarray(pixels).resize((160, 96), Image.BILINEAR))  # smooth, so JPEG keeps it
+    Image.fromarray(pixels).save(tmp_path / "wide.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90°
+    Image.fromarray(pixels).save(tmp_path / "rotated.jpg", quality=95, exif=exif)
+    Image.fromarray(pixels).save(tmp_path / "lossless.png")
+    paths = [tmp_path / name for name in ("wide.jpg", "rotated.jpg", "lossless.png")]
+
+    items = [(path, read_for_device(path, 72, 64)) for path in paths]
+    assert [isinstance(data, torch.Tensor) for _, data in items] == [True, True, False]  # JPEG bytes, PNG pixels
+    decoded = decode_on_device(items, torch.device("cpu"), 72, 64)
+
+    for path, (image, error) in zip(paths, decoded):
+        assert error is None and image.dtype == torch.uint8 and image.shape == (3, 64, 64)
+        expected = torch.from_numpy(load_for_eval(path, 72, 64)).permute(2, 0, 1).float()
+        assert (image.float() - expected).abs().mean() < 4, path.name  # resize kernels differ slightly
+    assert (decoded[0][0].float() - decoded[1][0].float()).abs().mean() > 20  # the rotation was applied

@@ -55,14 +55,14 @@ def tiny_run(tmp_path_factory, mobilenet_weights):
     return factory, run_id
 
 
-def _score_all(factory, job_id, roots=()) -> dict[str, Prediction]:
+def _score_all(factory, job_id, roots=(), device_decode=False) -> dict[str, Prediction]:
     with session_scope(factory) as session:
         from realfake.store import ScoringJob
 
         n_shards = session.get(ScoringJob, job_id).n_shards
     cache = ModelCache()
     for shard in range(n_shards):
-        score_shard(factory, job_id, shard, roots, cache)
+        score_shard(factory, job_id, shard, roots, cache, device_decode=device_decode)
     with session_scope(factory) as session:
         rows = session.query(Prediction).filter_by(job_id=job_id).all()
     paths = [r.path for r in rows]
@@ -70,13 +70,16 @@ def _score_all(factory, job_id, roots=()) -> dict[str, Prediction]:
     return {r.path: r for r in rows}
 
 
-def test_every_bad_file_gets_exactly_one_row(tiny_run, tmp_path):
+@pytest.mark.parametrize("device_decode", [False, True], ids=["pil", "batched-decode_jpeg"])
+def test_every_bad_file_gets_exactly_one_row(tiny_run, tmp_path, device_decode):
+    """Both decoding paths: PIL on the CPU, and torchvision's batched decode_jpeg as on a GPU
+    (here on the CPU device)."""
     factory, run_id = tiny_run
     folder = tmp_path / "bad"
     expected = make_bad_folder(folder, tmp_path / "outside.jpg")
     with session_scope(factory) as session:
         job_id = create_scoring_job(session, run_id, folder, batch_size=4, shard_size=4).id
-    rows = _score_all(factory, job_id)
+    rows = _score_all(factory, job_id, device_decode=device_decode)
     assert set(rows) == set(expected)
     for path, scored in expected.items():
         row = rows[path]
