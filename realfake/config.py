@@ -61,6 +61,7 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere"
     )
+    compile: bool = Field(False, description="torch.compile the model (pays off on GPUs; compiling takes minutes)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     decode_cache: bool = Field(True, description="cache decoded, resized images across epochs and runs")
 

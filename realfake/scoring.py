@@ -131,6 +131,8 @@ class ModelCache:
             model.eval().to(runtime.device)
             if runtime.channels_last:
                 model = model.to(memory_format=torch.channels_last)
+            if config.compile:
+                model = torch.compile(model, dynamic=True)  # a shard's last batch is smaller
             while len(self._models) >= self.capacity:
                 self._models.pop(next(iter(self._models)))
             self._models[key] = (model, config, runtime)

@@ -272,6 +272,7 @@ def fit(
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.to(runtime.device)
+    forward = torch.compile(model) if config.compile else model  # shares the parameters; saved uncompiled
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     optimizer = make_optimizer(model, config)
     lr_scheduler = make_lr_scheduler(optimizer, config)
@@ -301,11 +302,11 @@ def fit(
             # Seeded per epoch, so a resumed run draws the same batches as an unbroken one.
             torch.manual_seed(config.seed * 1000 + epoch)
             train_loader = _loader(datasets["train"], config, True, config.seed * 1000 + epoch, runtime)
-            metrics = {"train": train_one_epoch(model, criterion, optimizer, train_loader, runtime, epoch, hooks)}
+            metrics = {"train": train_one_epoch(forward, criterion, optimizer, train_loader, runtime, epoch, hooks)}
             for name in ("val", "test"):
                 if datasets[name].samples:
                     loader = _loader(datasets[name], config, False, 0, runtime)
-                    metrics[name] = evaluate(model, criterion, loader, runtime, hooks, name, epoch)
+                    metrics[name] = evaluate(forward, criterion, loader, runtime, hooks, name, epoch)
             lr_scheduler.step()
 
             selection = metrics.get("val", metrics["train"]).value(config.selection_metric)

@@ -148,3 +148,22 @@ def test_cosine_schedule_with_warmup():
     assert rates[0] == pytest.approx(0.5)  # warm-up
     assert rates[1] == pytest.approx(1.0)
     assert rates[1] > rates[2] > rates[3] > rates[4] > 0
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_like_the_eager_one_and_saves_plain_weights(synthetic_data, tmp_path):
+    from realfake.data import discover, stratified_split
+    from realfake.train import fit
+
+    # no dropout: compiled code draws its random numbers differently
+    config = TrainConfig(backbone="resnet18", weights="none", dropout=0.0, resize=32, image_size=32, rotation=0, color_jitter=0,
+                         epochs=1, batch_size=40, seed=3, decode_cache=False)
+    split = stratified_split(discover(synthetic_data), SplitConfig(val=0.2, test=0.2, seed=0))
+    states = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        fit(config.model_copy(update={"compile": compiled}), synthetic_data, split, out)
+        states[compiled] = load_checkpoint(out / "last.pt")["model"]
+    assert states[True].keys() == states[False].keys()  # no `_orig_mod.` prefix: loads without compiling
+    for name, eager in states[False].items():
+        assert torch.allclose(states[True][name].float(), eager.float(), atol=1e-3, rtol=1e-3), name
