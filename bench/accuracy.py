@@ -107,11 +107,14 @@ def main() -> None:
             "cut-off on val": dict(tta=False, threshold="val"),
             "cut-off on val + TTA": dict(tta=True, threshold="val"),
         }
-        per_recipe = {}
+        per_recipe, memo = {}, {}  # each run predicted once with and once without TTA
         with session_scope(factory) as session:
             for label, options in variants.items():
-                per_recipe[label] = [evaluate_runs(session, [run_id], cache=cache, **options) for run_id in run_ids]
-            per_recipe["ensemble of the seeds, val + TTA"] = [evaluate_runs(session, run_ids, tta=True, cache=cache)]
+                per_recipe[label] = [evaluate_runs(session, [run_id], cache=cache, memo=memo, **options)
+                                     for run_id in run_ids]
+            per_recipe["ensemble of the seeds, val + TTA"] = [
+                evaluate_runs(session, run_ids, tta=True, cache=cache, memo=memo)
+            ]
         results[recipe.stem] = per_recipe
 
     groups = sorted({g for r in results.values() for v in r.values() for e in v for g in e["test"]["groups"]})

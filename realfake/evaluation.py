@@ -88,10 +88,11 @@ def summarize(samples: Sequence[Sample], scores: np.ndarray, threshold: float) -
 
 
 def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, threshold: str = "val",
-                  cache: ModelCache | None = None) -> dict:
+                  cache: ModelCache | None = None, memo: dict | None = None) -> dict:
     """Test metrics of one run, or of the mean P(fake) of several that share data and split.
 
     `threshold`: "val" picks the cut-off on the validation split; a number fixes it.
+    `memo`: a dict kept across calls, so each run's predictions are computed once.
     """
     runs = [session.get(Run, run_id) for run_id in run_ids]
     missing = [run_id for run_id, run in zip(run_ids, runs) if run is None]
@@ -102,14 +103,15 @@ def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, t
     root, parts = Path(runs[0].data_root), samples_from_json(runs[0].split)
     if not parts.get("test"):
         raise EvaluationError(f"run {runs[0].id} has no test split")
-    cache = cache or ModelCache()
-    predictions = []
+    cache, memo = cache or ModelCache(), {} if memo is None else memo
     for run in runs:
-        checkpoint = model_checkpoint(run)
-        predictions.append(Predictions(
-            val=predict(checkpoint, root, parts.get("val", []), tta, cache),
-            test=predict(checkpoint, root, parts["test"], tta, cache),
-        ))
+        if (run.id, tta) not in memo:
+            checkpoint = model_checkpoint(run)
+            memo[run.id, tta] = Predictions(
+                val=predict(checkpoint, root, parts.get("val", []), tta, cache),
+                test=predict(checkpoint, root, parts["test"], tta, cache),
+            )
+    predictions = [memo[run.id, tta] for run in runs]
     val = np.mean([p.val for p in predictions], axis=0)
     test = np.mean([p.test for p in predictions], axis=0)
     if threshold == "val":
