@@ -253,7 +253,7 @@ def decode_on_device(
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
         except RuntimeError:  # a JPEG the device decoder refuses may still open with PIL
-            return torch.from_numpy(np.asarray(load_rgb(path))).permute(2, 0, 1).to(device)
+            return torch.tensor(np.asarray(load_rgb(path))).permute(2, 0, 1).to(device)
 
     jpegs = [i for i, (_, data) in enumerate(items) if isinstance(data, torch.Tensor)]
     decoded: dict[int, torch.Tensor] = {}
@@ -268,7 +268,7 @@ def decode_on_device(
     for index, (path, data) in enumerate(items):
         try:
             if isinstance(data, np.ndarray):  # already resized and cropped on the CPU
-                results.append((torch.from_numpy(data).permute(2, 0, 1).to(device), None))
+                results.append((torch.tensor(data).permute(2, 0, 1).to(device), None))
                 continue
             image = decoded.get(index)
             if image is None:
