@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -139,25 +138,18 @@ class ModelCache:
         return self._models[key]
 
 
-def _decode(folder: Path, rel: str, roots: Sequence[Path], config: TrainConfig) -> tuple[np.ndarray | None, str | None]:
+def _load(folder: Path, rel: str, roots: Sequence[Path], load: Callable[[Path, int, int], object],
+          config: TrainConfig) -> tuple[Path | None, object, str | None]:
+    """`load` applied to a file inside the roots: (path, what it returned, None) or the error."""
     try:
         path = ensure_inside(folder / rel, roots)
-        return load_for_eval(path, config.resize, config.image_size), None
+        return path, load(path, config.resize, config.image_size), None
     except Exception as error:  # any unreadable file is a row with its error, not a failed shard
-        return None, f"{type(error).__name__}: {error}"
-
-
-def _read(folder: Path, rel: str, roots: Sequence[Path], config: TrainConfig) -> tuple[Path | None, object, str | None]:
-    """For decoding on the device: the file's JPEG bytes (or its pixels), or the error."""
-    try:
-        path = ensure_inside(folder / rel, roots)
-        return path, read_for_device(path, config.resize, config.image_size), None
-    except Exception as error:
         return None, None, f"{type(error).__name__}: {error}"
 
 
 def _device_batch(batch: list, runtime: Runtime, config: TrainConfig) -> tuple[list, torch.Tensor | None]:
-    """Decode a batch of `_read` results on the model's device: (rel, ok, error) rows and the images."""
+    """Decode a batch of `_load(read_for_device)` results on the model's device: (rel, ok, error) rows and the images."""
     readable = [(rel, path, data) for rel, path, data, error in batch if error is None]
     decoded = decode_on_device([(path, data) for _, path, data in readable], runtime.device,
                                config.resize, config.image_size)
@@ -169,9 +161,9 @@ def _device_batch(batch: list, runtime: Runtime, config: TrainConfig) -> tuple[l
 
 
 def _cpu_batch(batch: list, runtime: Runtime) -> tuple[list, torch.Tensor | None]:
-    """A batch of `_decode` results: (rel, ok, error) rows and the normalised images."""
-    pixels = [p for _, p, _ in batch if p is not None]
-    rows = [(rel, p is not None, error) for rel, p, error in batch]
+    """A batch of `_load(load_for_eval)` results: (rel, ok, error) rows and the normalised images."""
+    pixels = [p for _, _, p, _ in batch if p is not None]
+    rows = [(rel, p is not None, error) for rel, _, p, error in batch]
     return rows, (runtime.to_device(normalize_batch(pixels)) if pixels else None)
 
 
@@ -220,12 +212,12 @@ def score_shard(
     on_device = runtime.device.type == "cuda" if device_decode is None else device_decode
     with ThreadPoolExecutor(threads) as pool:
         # reading (and CPU decoding) threads run ahead while the model works on the previous batch
-        if on_device:  # JPEGs decoded in batches on the GPU (nvJPEG)
-            read = pool.map(lambda rel: (rel, *_read(folder, rel, allowed, config)), files)
-            batches = (_device_batch(batch, runtime, config) for batch in _batches(read, batch_size))
+        load = read_for_device if on_device else load_for_eval  # on the GPU: JPEGs decoded there (nvJPEG)
+        loaded = _batches(pool.map(lambda rel: (rel, *_load(folder, rel, allowed, load, config)), files), batch_size)
+        if on_device:
+            batches = (_device_batch(batch, runtime, config) for batch in loaded)
         else:
-            decoded = pool.map(lambda rel: (rel, *_decode(folder, rel, allowed, config)), files)
-            batches = (_cpu_batch(batch, runtime) for batch in _batches(decoded, batch_size))
+            batches = (_cpu_batch(batch, runtime) for batch in loaded)
         for batch_rows, images in batches:
             p_fake: list[float] = []
             if images is not None:
