@@ -36,6 +36,10 @@ class TrainConfig(BaseModel):
     # input and augmentation
     resize: int = Field(256, ge=8)
     image_size: int = Field(224, ge=8)
+    eval_size: int | None = Field(
+        None, ge=8, description="centre crop for validation, test and scoring; default image_size, "
+        "at most resize (the whole resized image: the backbones pool over any size)"
+    )
     rotation: float = Field(15.0, ge=0.0)
     color_jitter: float = Field(0.2, ge=0.0)
     jpeg_quality: tuple[int, int] | None = Field(
@@ -78,9 +82,15 @@ class TrainConfig(BaseModel):
     def _crop_fits(self) -> TrainConfig:
         if self.image_size > self.resize:
             raise ValueError(f"image_size {self.image_size} is larger than resize {self.resize}")
+        if self.eval_size is not None and self.eval_size > self.resize:
+            raise ValueError(f"eval_size {self.eval_size} is larger than resize {self.resize}")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise ValueError("warmup_epochs must be smaller than epochs")
         return self
+
+    @property
+    def eval_crop(self) -> int:
+        return self.eval_size or self.image_size
 
     @property
     def higher_is_better(self) -> bool:

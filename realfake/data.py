@@ -171,7 +171,7 @@ def eval_transform(config: TrainConfig, resized: bool = False) -> v2.Compose:
     """Resize and centre crop only: evaluation never sees the training augmentation."""
     steps = [] if resized else resize_steps(config)
     steps += [
-        v2.CenterCrop(config.image_size),
+        v2.CenterCrop(config.eval_crop),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ]

@@ -20,6 +20,7 @@ from sklearn.metrics import roc_curve
 from sqlalchemy.orm import Session
 
 from realfake.audit import image_metadata
+from realfake.config import TrainConfig
 from realfake.data import FaceDataset, Sample, eval_transform, samples_from_json
 from realfake.metrics import compute_metrics
 from realfake.scoring import ModelCache, model_checkpoint
@@ -37,9 +38,14 @@ class Predictions:
 
 
 def predict(checkpoint: Path, root: Path, samples: Sequence[Sample], tta: bool = False,
-            cache: ModelCache | None = None) -> np.ndarray:
-    """P(fake) of each sample; with `tta`, the mean over the image and its mirror image."""
+            cache: ModelCache | None = None, eval_size: int | None = None) -> np.ndarray:
+    """P(fake) of each sample; with `tta`, the mean over the image and its mirror image.
+
+    `eval_size`: centre crop instead of the run's own (up to its resize: the whole image).
+    """
     model, config, runtime = (cache or ModelCache()).get(checkpoint)
+    if eval_size is not None:
+        config = TrainConfig.model_validate(config.model_dump() | {"eval_size": eval_size})
     loader = torch.utils.data.DataLoader(FaceDataset(root, samples, eval_transform(config)), batch_size=64)
     scores = []
     with torch.inference_mode(), runtime.autocast():
@@ -88,10 +94,11 @@ def summarize(samples: Sequence[Sample], scores: np.ndarray, threshold: float) -
 
 
 def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, threshold: str = "val",
-                  cache: ModelCache | None = None, memo: dict | None = None) -> dict:
+                  cache: ModelCache | None = None, memo: dict | None = None, eval_size: int | None = None) -> dict:
     """Test metrics of one run, or of the mean P(fake) of several that share data and split.
 
     `threshold`: "val" picks the cut-off on the validation split; a number fixes it.
+    `eval_size`: the centre crop to evaluate on, instead of each run's own (see `predict`).
     `memo`: a dict kept across calls, so each run's predictions are computed once.
     """
     runs = [session.get(Run, run_id) for run_id in run_ids]
@@ -105,13 +112,13 @@ def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, t
         raise EvaluationError(f"run {runs[0].id} has no test split")
     cache, memo = cache or ModelCache(), {} if memo is None else memo
     for run in runs:
-        if (run.id, tta) not in memo:
+        if (run.id, tta, eval_size) not in memo:
             checkpoint = model_checkpoint(run)
-            memo[run.id, tta] = Predictions(
-                val=predict(checkpoint, root, parts.get("val", []), tta, cache),
-                test=predict(checkpoint, root, parts["test"], tta, cache),
+            memo[run.id, tta, eval_size] = Predictions(
+                val=predict(checkpoint, root, parts.get("val", []), tta, cache, eval_size),
+                test=predict(checkpoint, root, parts["test"], tta, cache, eval_size),
             )
-    predictions = [memo[run.id, tta] for run in runs]
+    predictions = [memo[run.id, tta, eval_size] for run in runs]
     val = np.mean([p.val for p in predictions], axis=0)
     test = np.mean([p.test for p in predictions], axis=0)
     if threshold == "val":
@@ -125,6 +132,7 @@ def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, t
     return {
         "runs": list(run_ids),
         "tta": tta,
+        "eval_size": eval_size,
         "threshold": cut,
         "test": summarize(parts["test"], test, cut),
         "test_shortcut_free": summarize(clean_samples, test[clean], cut),

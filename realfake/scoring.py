@@ -89,9 +89,10 @@ def create_scoring_job(
         if run is None:
             raise RunNotFound(f"run {each} does not exist")
         model_checkpoint(run)
-        inputs.add((run.config.get("resize"), run.config.get("image_size")))
+        config = TrainConfig.model_validate(run.config)
+        inputs.add((config.resize, config.eval_crop))
     if len(inputs) > 1:
-        raise ScoringError(f"runs {', '.join(map(str, run_ids))} do not share one input size (resize, image_size): "
+        raise ScoringError(f"runs {', '.join(map(str, run_ids))} do not share one input size (resize, eval crop): "
                            f"{sorted(inputs)}; an ensemble scores one decoded image with every model")
     files = list_files(folder)
     shards = [files[i : i + shard_size] for i in range(0, len(files), shard_size)]
@@ -143,7 +144,7 @@ def _load(folder: Path, rel: str, roots: Sequence[Path], load: Callable[[Path, i
     """`load` applied to a file inside the roots: (path, what it returned, None) or the error."""
     try:
         path = ensure_inside(folder / rel, roots)
-        return path, load(path, config.resize, config.image_size), None
+        return path, load(path, config.resize, config.eval_crop), None
     except Exception as error:  # any unreadable file is a row with its error, not a failed shard
         return None, None, f"{type(error).__name__}: {error}"
 
@@ -152,7 +153,7 @@ def _device_batch(batch: list, runtime: Runtime, config: TrainConfig) -> tuple[l
     """Decode a batch of `_load(read_for_device)` results on the model's device: (rel, ok, error) rows and the images."""
     readable = [(rel, path, data) for rel, path, data, error in batch if error is None]
     decoded = decode_on_device([(path, data) for _, path, data in readable], runtime.device,
-                               config.resize, config.image_size)
+                               config.resize, config.eval_crop)
     errors = {rel: error for (rel, _, _), (_, error) in zip(readable, decoded)}
     errors |= {rel: error for rel, _, _, error in batch if error is not None}
     images = [image for image, _ in decoded if image is not None]

@@ -350,6 +350,7 @@ def evaluate(
     sweep: Annotated[Optional[int], typer.Option(help="sweep for --top (default: the latest)")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="also score the mirror image and average")] = False,
     threshold: Annotated[str, typer.Option(help="'val': the cut-off with the best validation accuracy; or a number")] = "val",
+    eval_size: Annotated[Optional[int], typer.Option(min=8, help="centre crop to evaluate on instead of each run's own (up to its resize)")] = None,
     as_json: JSON = False,
 ) -> None:
     """Test-split metrics with confidence intervals, per group and on the shortcut-free part."""
@@ -364,10 +365,12 @@ def evaluate(
             runs = _best_runs(session, sweep, top)
         if not runs:
             raise typer.BadParameter("give run ids or --top N", param_hint="RUNS")
-        result = evaluate_runs(session, runs, tta=tta, threshold=threshold)
+        result = evaluate_runs(session, runs, tta=tta, threshold=threshold, eval_size=eval_size)
     if as_json:
         return _print_json(result)
     title = f"run{'s' if len(runs) > 1 else ''} {', '.join(map(str, runs))}{' with TTA' if tta else ''}"
+    if eval_size:
+        title += f", {eval_size} px centre crop"
     table = Table("test part", "n", "accuracy (95% CI)", "ROC-AUC", "F1", title=f"{title}, P(fake) >= {result['threshold']:.3f}")
     for name, key in (("all", "test"), ("shortcut-free", "test_shortcut_free"), ("all, cut-off 0.5", "test_at_0.5")):
         m = result[key]

@@ -1,11 +1,30 @@
-"""Held-out evaluation helpers that need image files: the shortcut-free part of a split."""
+"""Held-out evaluation that needs image files: the shortcut-free part of a split, the crop judged."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 from PIL import Image
+from pydantic import ValidationError
 
-from realfake.data import discover
-from realfake.evaluation import shortcut_free
+from realfake.config import SplitConfig, TrainConfig
+from realfake.data import discover, samples_from_json
+from realfake.evaluation import predict, shortcut_free
+from realfake.runs import create_run, train_run
+from realfake.scoring import (
+    ModelCache,
+    create_scoring_job,
+    model_checkpoint,
+    score_shard,
+)
+from realfake.store import (
+    Prediction,
+    Run,
+    make_engine,
+    migrate,
+    session_factory,
+    session_scope,
+)
 from realfake.synthetic import make_synthetic
 
 
@@ -21,3 +40,33 @@ def test_fakes_saved_with_tables_no_real_image_has_are_not_shortcut_free(tmp_pat
     kept = {s.path for s, keep in zip(samples, mask) if keep}
     assert {s.path for s in samples if s.label == 0} <= kept  # every real face stays
     assert {p.relative_to(root).as_posix() for p in resaved} == {s.path for s in samples} - kept
+
+
+def test_a_run_judges_the_whole_image_when_eval_size_says_so(tmp_path, mobilenet_weights):
+    """Trained on 32-px crops of 48-px faces with eval_size 48: evaluation and scoring both
+    look at the whole image, and give the same P(fake); evaluate can still ask for a crop."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(engine)
+    factory = session_factory(engine)
+    data = make_synthetic(tmp_path / "data", per_class=10, size=48)
+    config = TrainConfig(backbone="mobilenet_v2", weights=str(mobilenet_weights), resize=48, image_size=32,
+                         eval_size=48, epochs=1, batch_size=8)
+    with session_scope(factory) as session:
+        run_id = create_run(session, config, data, SplitConfig(val=0.2, test=0.2)).id
+    train_run(factory, run_id, tmp_path / "artifacts")
+    with session_scope(factory) as session:
+        run = session.get(Run, run_id)
+        checkpoint, test = model_checkpoint(run), samples_from_json(run.split)["test"]
+        job_id = create_scoring_job(session, run_id, data).id
+    cache = ModelCache(precision="fp32")
+
+    whole = predict(checkpoint, data, test, cache=cache)
+    centre = predict(checkpoint, data, test, cache=cache, eval_size=32)
+    assert not np.allclose(whole, centre, atol=1e-4)  # the crop changes what the model sees
+    score_shard(factory, job_id, 0, cache=cache)
+    with session_scope(factory) as session:
+        scored = {row.path: row.p_fake for row in session.query(Prediction).filter_by(job_id=job_id)}
+    assert [scored[s.path] for s in test] == pytest.approx(whole.tolist(), abs=1e-4)
+
+    with pytest.raises(ValidationError, match="eval_size 64 is larger than resize 48"):
+        predict(checkpoint, data, test, cache=cache, eval_size=64)
