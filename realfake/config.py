@@ -55,6 +55,10 @@ class TrainConfig(BaseModel):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_epochs: int = Field(0, ge=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    region_weight: float = Field(
+        0.0, ge=0.0, description="weight of a second loss on which face regions a fake replaced "
+        "(left eye, right eye, nose, mouth, as its file name says: *_1010.jpg); 0 = off"
+    )
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     seed: int = 0

@@ -33,6 +33,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 _GROUP_PREFIX = re.compile(r"^([A-Za-z]+)_")
+_REGION_BITS = re.compile(r"_([01]{4})$")
+REGIONS = ("left_eye", "right_eye", "nose", "mouth")
 _CLASS_TOKEN = re.compile(r"(?:^|[^a-z])(real|fake)(?:$|[^a-z])")
 
 
@@ -55,6 +57,15 @@ def group_of(name: str) -> str | None:
     """The group a file name carries as a prefix (`easy_`, `mid_`, `hard_`, `real_`), if any."""
     match = _GROUP_PREFIX.match(Path(name).name)
     return match.group(1).lower() if match else None
+
+
+def edited_regions(sample: Sample) -> tuple[float, ...] | None:
+    """Which REGIONS an image had replaced: none for a real face; for a fake, the four bits
+    ending its file name (`mid_12_0110.jpg`: right eye and nose); None where it does not say."""
+    if sample.label == 0:
+        return (0.0,) * len(REGIONS)
+    match = _REGION_BITS.search(Path(sample.path).stem)
+    return tuple(float(bit) for bit in match.group(1)) if match else None
 
 
 def ensure_inside(path: Path, roots: Sequence[Path]) -> Path:

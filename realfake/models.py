@@ -12,6 +12,7 @@ from torch.hub import get_dir
 from torchvision import models as tvm
 
 from realfake.config import TrainConfig
+from realfake.data import REGIONS
 
 
 class WeightsUnavailable(RuntimeError):
@@ -77,11 +78,19 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-def seed_head(in_features: int, hidden: int = 512, dropout: float = 0.5) -> nn.Sequential:
-    """The report's head: Linear(in, hidden)-ReLU-Dropout-Linear(hidden, 2)."""
+def seed_head(in_features: int, hidden: int = 512, dropout: float = 0.5, outputs: int = 2) -> nn.Sequential:
+    """The report's head: Linear(in, hidden)-ReLU-Dropout-Linear(hidden, 2).
+
+    `outputs` > 2: further logits after the two class logits (see `class_logits`).
+    """
     return nn.Sequential(
-        nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, 2)
+        nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, outputs)
     )
+
+
+def class_logits(output: torch.Tensor) -> torch.Tensor:
+    """The (real, fake) logits of a model's output; region logits, if any, follow them."""
+    return output[:, :2]
 
 
 def _weights_help(name: str, weights: tvm.WeightsEnum) -> str:
@@ -133,7 +142,8 @@ def build_model(config: TrainConfig) -> nn.Module:
         raise ValueError(f"unknown backbone {config.backbone!r}; choose from {sorted(BACKBONES)}")
     spec = BACKBONES[config.backbone]
     model = _load_backbone(config.backbone, config.weights)
-    spec.attach_head(model, lambda width: seed_head(width, config.hidden, config.dropout))
+    outputs = 2 + (len(REGIONS) if config.region_weight > 0 else 0)
+    spec.attach_head(model, lambda width: seed_head(width, config.hidden, config.dropout, outputs))
     stages = spec.stages(model)
     if config.freeze > len(stages):
         raise ValueError(f"freeze={config.freeze} but {config.backbone} has {len(stages)} stages")

@@ -21,14 +21,16 @@ from torch.utils.data import DataLoader
 
 from realfake.config import TrainConfig
 from realfake.data import (
+    REGIONS,
     DecodedCache,
     FaceDataset,
     Sample,
+    edited_regions,
     eval_transform,
     train_transform,
 )
 from realfake.metrics import Metrics, compute_metrics
-from realfake.models import build_model
+from realfake.models import build_model, class_logits
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +156,14 @@ def train_one_epoch(
     runtime: Runtime,
     epoch: int,
     hooks: TrainHooks,
+    regions: torch.Tensor | None = None,
+    region_weight: float = 0.0,
 ) -> Metrics:
-    """One pass over the training data; metrics come from the training-mode predictions."""
+    """One pass over the training data; metrics come from the training-mode predictions.
+
+    `regions`: per sample of the dataset, which face regions were edited (NaN: unknown),
+    learnt by the model's extra outputs with weight `region_weight`.
+    """
     model.train()
     dataset: FaceDataset = loader.dataset
     total_loss, labels, scores, indices = 0.0, [], [], []
@@ -163,8 +171,11 @@ def train_one_epoch(
         _check_stop(hooks)
         images, targets = runtime.to_device(images), targets.to(runtime.device)
         with runtime.autocast():
-            logits = model(images)
+            output = model(images)
+            logits = class_logits(output)
             loss = criterion(logits, targets)
+            if regions is not None:
+                loss = loss + region_weight * _region_loss(output[:, 2:], regions[index].to(runtime.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -174,6 +185,18 @@ def train_one_epoch(
         indices.append(index)
         hooks.on_batch("train", epoch, step + 1, len(loader))
     return _metrics(dataset, labels, scores, indices, total_loss)
+
+
+def _region_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    known = ~targets.isnan().any(dim=1)
+    if not known.any():
+        return logits.sum() * 0.0
+    return nn.functional.binary_cross_entropy_with_logits(logits[known].float(), targets[known])
+
+
+def region_targets(samples: list[Sample]) -> torch.Tensor:
+    """`edited_regions` of each sample as rows of a float tensor, NaN where unknown."""
+    return torch.tensor([edited_regions(s) or (math.nan,) * len(REGIONS) for s in samples])
 
 
 @torch.inference_mode()
@@ -194,7 +217,7 @@ def evaluate(
         _check_stop(hooks)
         images, targets = runtime.to_device(images), targets.to(runtime.device)
         with runtime.autocast():
-            logits = model(images)
+            logits = class_logits(model(images))
         logits = logits.float()
         total_loss += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         scores.append(torch.softmax(logits, dim=1)[:, 1].cpu())
@@ -295,6 +318,7 @@ def fit(
             cache = DecodedCache(Path(cache_dir), root, split[name], config).ensure()
         transform = train_transform if name == "train" else eval_transform
         datasets[name] = FaceDataset(root, split[name], transform(config, resized=cache is not None), cache)
+    regions = region_targets(datasets["train"].samples) if config.region_weight > 0 else None
     config_json = config.model_dump(mode="json")
     epoch = start_epoch - 1
     try:
@@ -302,7 +326,8 @@ def fit(
             # Seeded per epoch, so a resumed run draws the same batches as an unbroken one.
             torch.manual_seed(config.seed * 1000 + epoch)
             train_loader = _loader(datasets["train"], config, True, config.seed * 1000 + epoch, runtime)
-            metrics = {"train": train_one_epoch(forward, criterion, optimizer, train_loader, runtime, epoch, hooks)}
+            metrics = {"train": train_one_epoch(forward, criterion, optimizer, train_loader, runtime, epoch, hooks,
+                                                regions, config.region_weight)}
             for name in ("val", "test"):
                 if datasets[name].samples:
                     loader = _loader(datasets[name], config, False, 0, runtime)

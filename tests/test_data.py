@@ -196,3 +196,13 @@ def test_batched_jpeg_decoding_on_a_device_matches_the_pil_path(tmp_path):
         expected = torch.tensor(load_for_eval(path, 72, 64)).permute(2, 0, 1).float()
         assert (image.float() - expected).abs().mean() < 4, path.name  # resize kernels differ slightly
     assert (decoded[0][0].float() - decoded[1][0].float()).abs().mean() > 20  # the rotation was applied
+
+
+def test_edited_regions_come_from_a_fake_file_name():
+    from realfake.data import REGIONS, Sample, edited_regions
+
+    assert REGIONS == ("left_eye", "right_eye", "nose", "mouth")
+    assert edited_regions(Sample("training_fake/mid_12_0110.jpg", 1, "mid")) == (0.0, 1.0, 1.0, 0.0)
+    assert edited_regions(Sample("training_real/real_00012.jpg", 0, "real")) == (0.0, 0.0, 0.0, 0.0)
+    assert edited_regions(Sample("fake/easy_00012.jpg", 1, "easy")) is None  # the name does not say
+    assert edited_regions(Sample("fake/hard_1_0120.jpg", 1, "hard")) is None

@@ -167,3 +167,62 @@ def test_a_compiled_model_trains_like_the_eager_one_and_saves_plain_weights(synt
     assert states[True].keys() == states[False].keys()  # no `_orig_mod.` prefix: loads without compiling
     for name, eager in states[False].items():
         assert torch.allclose(states[True][name].float(), eager.float(), atol=1e-3, rtol=1e-3), name
+
+
+def _region_faces(folder: Path, per_class: int = 40, size: int = 64) -> list[tuple[str, tuple[int, ...]]]:
+    """Faces whose fakes had some of four regions painted over, named by the regions (`_1010`)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    boxes = [(8, 8, 24, 24), (40, 8, 56, 24), (24, 24, 40, 40), (20, 44, 44, 56)]  # eyes, nose, mouth
+    (folder / "real").mkdir(parents=True)
+    (folder / "fake").mkdir()
+    written = []
+    for index in range(per_class):
+        noise = lambda: Image.fromarray(rng.integers(60, 190, (size, size, 3), dtype=np.uint8))  # noqa: E731
+        noise().save(folder / "real" / f"real_{index:05d}.jpg", quality=95)
+        written.append((f"real/real_{index:05d}.jpg", (0, 0, 0, 0)))
+        bits = tuple(int(b) for b in rng.integers(0, 2, 4))
+        bits = bits if any(bits) else (0, 0, 0, 1)
+        image = noise()
+        for bit, box in zip(bits, boxes):
+            if bit:
+                image.paste((255, 255, 255), box)
+        name = f"fake/easy_{index:05d}_{''.join(map(str, bits))}.jpg"
+        image.save(folder / name, quality=95)
+        written.append((name, bits))
+    return written
+
+
+@pytest.mark.slow
+def test_region_supervision_learns_which_regions_a_fake_replaced(factory, mobilenet_weights, tmp_path):
+    """With region_weight the head has four more outputs, trained on the regions a fake's
+    file name gives; P(fake) everywhere else still comes from the two class logits."""
+    from sklearn.metrics import roc_auc_score
+
+    from realfake.data import FaceDataset, discover, eval_transform
+    from realfake.evaluation import predict
+    from realfake.scoring import ModelCache, model_checkpoint
+
+    data = tmp_path / "regions"
+    written = dict(_region_faces(data))
+    config = small_config(mobilenet_weights, resize=64, image_size=64, rotation=0, color_jitter=0, epochs=3,
+                          region_weight=1.0)
+    run_id = new_run(factory, data, config)
+    assert train_run(factory, run_id, tmp_path / "artifacts").outcome == "completed"
+    with session_scope(factory) as session:
+        checkpoint = model_checkpoint(session.get(Run, run_id))
+
+    model, loaded, _ = ModelCache(precision="fp32").get(checkpoint)
+    samples = discover(data)
+    images = torch.stack([image for image, _, _ in FaceDataset(data, samples, eval_transform(loaded))])
+    with torch.inference_mode():
+        output = model(images)
+    assert output.shape == (len(samples), 6)
+    truth = torch.tensor([written[s.path] for s in samples])
+    region_auc = [roc_auc_score(truth[:, r], output[:, 2 + r]) for r in range(4)]
+    print("region ROC-AUC", [round(a, 3) for a in region_auc])
+    assert min(region_auc) > 0.8
+    p_fake = predict(checkpoint, data, samples, cache=ModelCache(precision="fp32"))
+    assert p_fake.tolist() == pytest.approx(torch.softmax(output[:, :2], 1)[:, 1].tolist(), abs=1e-4)
