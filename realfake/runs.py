@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -383,8 +384,14 @@ def train_run(
         return None
     with session_scope(factory) as session:
         run = session.get(Run, run_id)
-        config = TrainConfig.model_validate(run.config)
-        data_root, split, ckpt = run.data_root, samples_from_json(run.split), Path(run.checkpoint_dir)
+        raw_config, data_root, split, ckpt = run.config, run.data_root, samples_from_json(run.split), Path(run.checkpoint_dir)
+    try:
+        config = TrainConfig.model_validate(raw_config)
+    except ValidationError as error:  # e.g. a field added by a newer scheduler: fail now, not at lease expiry
+        finish_run(factory, lease, RunStatus.FAILED,
+                   f"this worker cannot read the run's config (is realfake older here than where the run was "
+                   f"submitted? upgrade the workers): {error}")
+        return None
     hooks = hooks or SqlHooks(factory, run_id)
     hooks.lease = lease
     hooks.heartbeat = Heartbeat(factory, lease, heartbeat_s)

@@ -127,6 +127,19 @@ def test_out_of_memory_fails_the_run_with_a_clear_message(factory, run_id, tmp_p
         assert run.error.startswith("out of memory") and "lower batch_size" in run.error
 
 
+def test_a_config_this_worker_cannot_read_fails_the_run_at_once(factory, run_id, tmp_path):
+    """A run written by a newer scheduler (a field this worker's TrainConfig lacks) must not
+    sit in RUNNING until its lease goes stale: it fails with the reason."""
+    with session_scope(factory) as session:
+        run = session.get(Run, run_id)
+        run.config = run.config | {"field_from_the_future": 1}
+    assert train_run(factory, run_id, tmp_path) is None
+    with session_scope(factory) as session:
+        run = session.get(Run, run_id)
+        assert run.status is RunStatus.FAILED and run.attempt == 1
+        assert "cannot read the run's config" in run.error and "field_from_the_future" in run.error
+
+
 def test_unclaimed_runs_are_sent_again_at_most_once_per_period(factory, run_id, tmp_path):
     from datetime import datetime, timedelta, timezone
 
