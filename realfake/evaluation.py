@@ -135,6 +135,7 @@ def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, t
         "tta": tta,
         "eval_size": eval_size,
         "threshold": cut,
+        "val": summarize(parts["val"], val, cut) if parts.get("val") else None,
         "test": summarize(parts["test"], test, cut),
         "test_shortcut_free": summarize(clean_samples, test[clean], cut),
         "test_at_0.5": summarize(parts["test"], test, 0.5),

@@ -371,9 +371,11 @@ def evaluate(
     title = f"run{'s' if len(runs) > 1 else ''} {', '.join(map(str, runs))}{' with TTA' if tta else ''}"
     if eval_size:
         title += f", {eval_size} px centre crop"
-    table = Table("test part", "n", "accuracy (95% CI)", "ROC-AUC", "F1", title=f"{title}, P(fake) >= {result['threshold']:.3f}")
-    for name, key in (("all", "test"), ("shortcut-free", "test_shortcut_free"), ("all, cut-off 0.5", "test_at_0.5")):
-        m = result[key]
+    table = Table("part", "n", "accuracy (95% CI)", "ROC-AUC", "F1", title=f"{title}, P(fake) >= {result['threshold']:.3f}")
+    parts = (("validation", "val"), ("all", "test"), ("shortcut-free", "test_shortcut_free"), ("all, cut-off 0.5", "test_at_0.5"))
+    for name, key in parts:
+        if (m := result[key]) is None:
+            continue
         low, high = m["accuracy_ci95"]
         table.add_row(name, str(m["n"]), f"{m['accuracy']:.3f} ({low:.3f}-{high:.3f})", _fmt(m["roc_auc"]), _fmt(m["f1"]))
     for group, g in result["test"]["groups"].items():

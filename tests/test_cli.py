@@ -157,6 +157,7 @@ def test_evaluate_reports_the_test_split_per_group_and_shortcut_free(home, finis
     report = json.loads(result.stdout)
     test = report["test"]
     assert test["n"] == 40 and set(test["groups"]) == {"easy", "hard", "real"}  # 20% of 200, by group
+    assert report["val"]["n"] == 40  # the part that chose the cut-off, reported beside the test
     assert sum(g["n"] for g in test["groups"].values()) == test["n"]
     for part in [test, *test["groups"].values()]:
         low, high = part["accuracy_ci95"] if "accuracy_ci95" in part else part["ci95"]
@@ -177,6 +178,7 @@ def test_evaluate_reports_the_test_split_per_group_and_shortcut_free(home, finis
 
     table = cli("evaluate", strong, env=env, cwd=root)
     assert table.returncode == 0 and "shortcut-free" in table.stdout and "group hard" in table.stdout
+    assert "validation" in table.stdout
     for args, message in [(("999",), "no such run: 999"), (("--top", "2", "--sweep", "1"), "1 succeeded run, fewer than 2"),
                           ((str(strong), "--threshold", "high"), "--threshold")]:
         result = cli("evaluate", *args, env=env, cwd=root)
