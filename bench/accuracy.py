@@ -107,7 +107,15 @@ def main() -> None:
             "cut-off on val": dict(tta=False, threshold="val"),
             "cut-off on val + TTA": dict(tta=True, threshold="val"),
         }
-        per_recipe, memo = {}, {}  # each run predicted once with and once without TTA
+        base = spec["base"]
+        # Trained on crops of a larger image: also judge larger centre crops, up to the whole face
+        # (the backbones pool over any size). Halfway, rounded to 32 px, and the whole resized image.
+        larger = [] if base.get("eval_size") else sorted(
+            {size for size in (round((base["image_size"] + base["resize"]) / 64) * 32, base["resize"])
+             if size > base["image_size"]})
+        for size in larger:
+            variants[f"centre crop {size} px, cut-off on val"] = dict(tta=False, threshold="val", eval_size=size)
+        per_recipe, memo = {}, {}  # each run predicted once per view
         with session_scope(factory) as session:
             for label, options in variants.items():
                 per_recipe[label] = [evaluate_runs(session, [run_id], cache=cache, memo=memo, **options)
@@ -115,10 +123,14 @@ def main() -> None:
             per_recipe["ensemble of the seeds, val + TTA"] = [
                 evaluate_runs(session, run_ids, tta=True, cache=cache, memo=memo)
             ]
+            for size in larger:
+                per_recipe[f"ensemble of the seeds, centre crop {size} px, val"] = [
+                    evaluate_runs(session, run_ids, cache=cache, memo=memo, eval_size=size)
+                ]
         results[recipe.stem] = per_recipe
 
     groups = sorted({g for r in results.values() for v in r.values() for e in v for g in e["test"]["groups"]})
-    header = ["recipe", "evaluation", "n", "test acc", "test ROC-AUC", "test F1", "shortcut-free acc", *groups]
+    header = ["recipe", "evaluation", "n", "val ROC-AUC", "test acc", "test ROC-AUC", "test F1", "shortcut-free acc", *groups]
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for recipe, per_recipe in results.items():
         for label, evaluations in per_recipe.items():
@@ -130,14 +142,16 @@ def main() -> None:
                         value = value[key]
                     values.append(value)
                 return spread(values)
-            row = [recipe, label, str(len(evaluations)), pick("test", "accuracy"), pick("test", "roc_auc"),
+            row = [recipe, label, str(len(evaluations)), pick("val", "roc_auc"), pick("test", "accuracy"), pick("test", "roc_auc"),
                    pick("test", "f1"), pick("test_shortcut_free", "accuracy"),
                    *[pick("test", "groups", g, "accuracy") for g in groups]]
             print("| " + " | ".join(row) + " |")
     first = next(iter(results.values()))["cut-off 0.5"][0]["test"]
     print(f"\ntest split: {first['n']} faces; per group n = "
           + ", ".join(f"{g} {v['n']}" for g, v in first["groups"].items()))
-    args.out.write_text(json.dumps(results, indent=1))
+    # recipes measured in an earlier run stay in the file unless measured again
+    earlier = json.loads(args.out.read_text()) if args.out.exists() else {}
+    args.out.write_text(json.dumps(earlier | results, indent=1))
     print(f"every figure, with 95% intervals per run: {args.out}")
 
 
