@@ -23,7 +23,7 @@ from realfake.audit import image_metadata
 from realfake.config import TrainConfig
 from realfake.data import FaceDataset, Sample, eval_transform, samples_from_json
 from realfake.metrics import compute_metrics
-from realfake.models import class_logits
+from realfake.models import fake_probability
 from realfake.scoring import ModelCache, model_checkpoint
 from realfake.store import Run
 
@@ -53,7 +53,7 @@ def predict(checkpoint: Path, root: Path, samples: Sequence[Sample], tta: bool =
         for images, _, _ in loader:
             images = runtime.to_device(images)
             views = [images, images.flip(-1)] if tta else [images]
-            probabilities = [torch.softmax(class_logits(model(view)).float(), dim=1)[:, 1] for view in views]
+            probabilities = [fake_probability(model(view)) for view in views]
             scores.append(torch.stack(probabilities).mean(0).cpu())
     return torch.cat(scores).numpy() if scores else np.zeros(0)
 

@@ -93,6 +93,11 @@ def class_logits(output: torch.Tensor) -> torch.Tensor:
     return output[:, :2]
 
 
+def fake_probability(output: torch.Tensor) -> torch.Tensor:
+    """P(fake) of each sample, in float32, from a model's output (or its class logits)."""
+    return torch.softmax(class_logits(output).float(), dim=1)[:, 1]
+
+
 def _weights_help(name: str, weights: tvm.WeightsEnum) -> str:
     filename = Path(weights.url).name
     cache = Path(get_dir()) / "checkpoints"

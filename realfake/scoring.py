@@ -28,7 +28,7 @@ from realfake.data import (
     normalize_chw,
     read_for_device,
 )
-from realfake.models import build_model, class_logits
+from realfake.models import build_model, fake_probability
 from realfake.runs import RunNotFound
 from realfake.store import (
     JobStatus,
@@ -225,7 +225,7 @@ def score_shard(
                 with torch.inference_mode(), runtime.autocast():
                     # an ensemble's P(fake) is the mean of its models'
                     p_fake = torch.stack(
-                        [torch.softmax(class_logits(model(images)).float(), dim=1)[:, 1] for model, _, _ in models]
+                        [fake_probability(model(images)) for model, _, _ in models]
                     ).mean(0).cpu().tolist()
             scores = iter(p_fake)
             for rel, ok, error in batch_rows:

@@ -30,7 +30,7 @@ from realfake.data import (
     train_transform,
 )
 from realfake.metrics import Metrics, compute_metrics
-from realfake.models import build_model, class_logits
+from realfake.models import build_model, class_logits, fake_probability
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         total_loss += loss.item() * len(targets)
-        scores.append(torch.softmax(logits.detach().float(), dim=1)[:, 1].cpu())
+        scores.append(fake_probability(logits.detach()).cpu())
         labels.append(targets.cpu())
         indices.append(index)
         hooks.on_batch("train", epoch, step + 1, len(loader))
@@ -221,7 +221,7 @@ def evaluate(
             logits = class_logits(model(images))
         logits = logits.float()
         total_loss += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        scores.append(torch.softmax(logits, dim=1)[:, 1].cpu())
+        scores.append(fake_probability(logits).cpu())
         labels.append(targets.cpu())
         indices.append(index)
         hooks.on_batch(split, epoch, step + 1, len(loader))
