@@ -40,6 +40,10 @@ class TrainConfig(BaseModel):
         None, ge=8, description="centre crop for validation, test and scoring; default image_size, "
         "at most resize (the whole resized image: the backbones pool over any size)"
     )
+    crop_within: int | None = Field(
+        None, ge=8, description="random training crops fall inside this centre square of the resized "
+        "image (where a face's eyes, nose and mouth are), between image_size and resize; default: anywhere"
+    )
     rotation: float = Field(15.0, ge=0.0)
     color_jitter: float = Field(0.2, ge=0.0)
     jpeg_quality: tuple[int, int] | None = Field(
@@ -88,6 +92,9 @@ class TrainConfig(BaseModel):
             raise ValueError(f"image_size {self.image_size} is larger than resize {self.resize}")
         if self.eval_size is not None and self.eval_size > self.resize:
             raise ValueError(f"eval_size {self.eval_size} is larger than resize {self.resize}")
+        if self.crop_within is not None and not self.image_size <= self.crop_within <= self.resize:
+            raise ValueError(f"crop_within {self.crop_within} must lie between image_size "
+                             f"{self.image_size} and resize {self.resize}")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise ValueError("warmup_epochs must be smaller than epochs")
         return self

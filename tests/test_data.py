@@ -142,6 +142,25 @@ def test_train_transform_includes_the_seed_augmentation():
     assert "CenterCrop" in eval_names and "RandomRotation" not in eval_names
 
 
+def test_crop_within_keeps_training_crops_inside_the_centre_square():
+    """A blue 32-px centre inside a red 64-px face: with crop_within 32 no 16-px training crop
+    ever shows red; without it, some do. A window outside image_size..resize is refused."""
+    face = np.zeros((64, 64, 3), np.uint8)
+    face[..., 0] = 255
+    face[16:48, 16:48] = (0, 0, 255)
+    image = Image.fromarray(face)
+
+    def shows_red(config):  # red normalises to a positive first channel, blue to a negative one
+        return [bool((train_transform(config)(image)[0] > 0).any()) for _ in range(200)]
+
+    settings = dict(resize=64, image_size=16, rotation=0, color_jitter=0)
+    torch.manual_seed(0)
+    assert not any(shows_red(TrainConfig(**settings, crop_within=32)))
+    assert any(shows_red(TrainConfig(**settings)))
+    with pytest.raises(ValueError, match="crop_within 8 must lie between image_size 16 and resize 64"):
+        TrainConfig(**settings, crop_within=8)
+
+
 def test_decoded_cache_matches_decoding_and_is_reused_until_a_file_changes(synthetic_data, tmp_path):
     import os
 
