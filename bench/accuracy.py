@@ -109,10 +109,11 @@ def main() -> None:
         }
         base = spec["base"]
         # Trained on crops of a larger image: also judge larger centre crops, up to the whole face
-        # (the backbones pool over any size). Halfway, rounded to 32 px, and the whole resized image.
+        # (the backbones pool over any size). The square the crops were drawn from (else halfway,
+        # rounded to 32 px) and the whole resized image.
+        window = base.get("crop_within") or round((base["image_size"] + base["resize"]) / 64) * 32
         larger = [] if base.get("eval_size") else sorted(
-            {size for size in (round((base["image_size"] + base["resize"]) / 64) * 32, base["resize"])
-             if size > base["image_size"]})
+            {size for size in (window, base["resize"]) if size > base["image_size"]})
         for size in larger:
             variants[f"centre crop {size} px, cut-off on val"] = dict(tta=False, threshold="val", eval_size=size)
         per_recipe, memo = {}, {}  # each run predicted once per view
