@@ -63,6 +63,10 @@ class TrainConfig(BaseModel):
         0.0, ge=0.0, description="weight of a second loss on which face regions a fake replaced "
         "(left eye, right eye, nose, mouth, as its file name says: *_1010.jpg); 0 = off"
     )
+    ema_decay: float = Field(
+        0.0, ge=0.0, lt=1.0, description="validate, test and keep an exponential moving average of "
+        "the weights, updated each step with this decay (0.99: about the last 100 steps); 0 = off"
+    )
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     seed: int = 0

@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from realfake.config import TrainConfig
@@ -159,11 +160,13 @@ def train_one_epoch(
     hooks: TrainHooks,
     regions: torch.Tensor | None = None,
     region_weight: float = 0.0,
+    ema: AveragedModel | None = None,
 ) -> Metrics:
     """One pass over the training data; metrics come from the training-mode predictions.
 
     `regions`: per sample of the dataset, which face regions were edited (NaN: unknown),
-    learnt by the model's extra outputs with weight `region_weight`.
+    learnt by the model's extra outputs with weight `region_weight`. `ema`, when given, is
+    updated after every step.
     """
     model.train()
     dataset: FaceDataset = loader.dataset
@@ -180,6 +183,8 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         total_loss += loss.item() * len(targets)
         scores.append(fake_probability(logits.detach()).cpu())
         labels.append(targets.cpu())
@@ -279,7 +284,8 @@ def fit(
 ) -> FitResult:
     """Train `config.epochs` epochs, resuming after the last finished epoch if a checkpoint exists.
 
-    Each epoch: train, evaluate val and test, keep `best.pt` by the selection metric on val,
+    Each epoch: train, evaluate val and test (with `config.ema_decay`, the averaged weights
+    are evaluated and kept), keep `best.pt` by the selection metric on val,
     hand the metrics to the hooks, then write `last.pt`. With `cache_dir`, decoded and
     resized images are cached there (see DecodedCache) unless `config.decode_cache` is off. Metrics are persisted before the
     checkpoint, so a crash in between repeats an epoch (its rows are upserted) and never
@@ -300,6 +306,10 @@ def fit(
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     optimizer = make_optimizer(model, config)
     lr_scheduler = make_lr_scheduler(optimizer, config)
+    # The averaged weights are the ones validated, tested and kept as best.pt.
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+           if config.ema_decay else None)
+    judged = ema.module if ema is not None else forward
 
     start_epoch, best = 1, BestSoFar()
     if last_path.exists():
@@ -307,6 +317,8 @@ def fit(
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema"])
         start_epoch = checkpoint["epoch"] + 1
         best = BestSoFar(checkpoint.get("best_epoch"), checkpoint.get("best_value"))
         log.info("resuming from %s at epoch %d", last_path, start_epoch)
@@ -328,23 +340,25 @@ def fit(
             torch.manual_seed(config.seed * 1000 + epoch)
             train_loader = _loader(datasets["train"], config, True, config.seed * 1000 + epoch, runtime)
             metrics = {"train": train_one_epoch(forward, criterion, optimizer, train_loader, runtime, epoch, hooks,
-                                                regions, config.region_weight)}
+                                                regions, config.region_weight, ema)}
             for name in ("val", "test"):
                 if datasets[name].samples:
                     loader = _loader(datasets[name], config, False, 0, runtime)
-                    metrics[name] = evaluate(forward, criterion, loader, runtime, hooks, name, epoch)
+                    metrics[name] = evaluate(judged, criterion, loader, runtime, hooks, name, epoch)
             lr_scheduler.step()
 
             selection = metrics.get("val", metrics["train"]).value(config.selection_metric)
             if _is_better(selection, best.value, config.higher_is_better):
                 best = BestSoFar(epoch, selection)
-                save_atomic({"model": model.state_dict(), "epoch": epoch, "config": config_json}, best_path)
+                kept = ema.module if ema is not None else model
+                save_atomic({"model": kept.state_dict(), "epoch": epoch, "config": config_json}, best_path)
             keep_going = hooks.on_epoch_end(epoch, metrics, best)
             save_atomic(
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "lr_scheduler": lr_scheduler.state_dict(),
+                    **({"ema": ema.state_dict()} if ema is not None else {}),
                     "epoch": epoch,
                     "config": config_json,
                     "best_epoch": best.epoch,

@@ -2,13 +2,14 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from realfake.config import SplitConfig, TrainConfig
 from realfake.runs import SqlHooks, create_run, epoch_rows, train_run
 from realfake.store import Run, RunStatus, session_scope
-from realfake.train import load_checkpoint, make_lr_scheduler
+from realfake.train import TrainHooks, load_checkpoint, make_lr_scheduler
 
 EPOCHS = 4
 
@@ -167,6 +168,55 @@ def test_a_compiled_model_trains_like_the_eager_one_and_saves_plain_weights(synt
     assert states[True].keys() == states[False].keys()  # no `_orig_mod.` prefix: loads without compiling
     for name, eager in states[False].items():
         assert torch.allclose(states[True][name].float(), eager.float(), atol=1e-3, rtol=1e-3), name
+
+
+class _Remembering(TrainHooks):
+    """Keeps each epoch's metrics; with `stop_in_epoch`, stops at that epoch's second batch."""
+
+    def __init__(self, stop_in_epoch=None):
+        self.metrics, self.stop_in_epoch, self.epoch = {}, stop_in_epoch, 0
+
+    def should_stop(self):
+        return self.epoch == self.stop_in_epoch
+
+    def on_batch(self, split, epoch, done, total):
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, metrics, best):
+        self.metrics[epoch] = metrics
+        return True
+
+
+@pytest.mark.slow
+def test_averaged_weights_are_validated_kept_and_resumed(synthetic_data, tmp_path):
+    from realfake.data import discover, stratified_split
+    from realfake.evaluation import predict
+    from realfake.scoring import ModelCache
+    from realfake.train import fit
+
+    config = TrainConfig(backbone="resnet18", weights="none", resize=32, image_size=32, rotation=0, color_jitter=0,
+                         lr=1e-3, epochs=3, batch_size=40, seed=3, selection_metric="loss", ema_decay=0.9,
+                         decode_cache=False)
+    split = stratified_split(discover(synthetic_data), SplitConfig(val=0.2, test=0.2, seed=0))
+    whole = _Remembering()
+    assert fit(config, synthetic_data, split, tmp_path / "whole", whole).outcome == "completed"
+    best, last = load_checkpoint(tmp_path / "whole" / "best.pt"), load_checkpoint(tmp_path / "whole" / "last.pt")
+
+    # best.pt holds the weights that were validated (the average): predicting with it gives the val loss recorded
+    p_fake = predict(tmp_path / "whole" / "best.pt", synthetic_data, split["val"], cache=ModelCache(precision="fp32"))
+    fake = np.array([s.label for s in split["val"]]) == 1
+    val_loss = -np.mean(np.log(np.where(fake, p_fake, 1 - p_fake)))
+    assert val_loss == pytest.approx(whole.metrics[best["epoch"]]["val"].loss, abs=1e-4)
+    averaged = {name.removeprefix("module."): value for name, value in last["ema"].items() if name != "n_averaged"}
+    assert averaged.keys() == last["model"].keys()
+    assert not torch.allclose(averaged["fc.3.weight"], last["model"]["fc.3.weight"])  # an average, not a copy
+
+    # stopped in epoch 2 and resumed: the average carries on as if never broken
+    assert fit(config, synthetic_data, split, tmp_path / "resumed", _Remembering(stop_in_epoch=2)).outcome == "stopped"
+    assert fit(config, synthetic_data, split, tmp_path / "resumed").outcome == "completed"
+    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")["ema"]
+    for name, value in last["ema"].items():
+        assert torch.allclose(resumed[name].float(), value.float(), atol=1e-5), name
 
 
 def _region_faces(folder: Path, per_class: int = 40, size: int = 64) -> list[tuple[str, tuple[int, ...]]]:
