@@ -309,7 +309,7 @@ def fit(
     # The averaged weights are the ones validated, tested and kept as best.pt.
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
            if config.ema_decay else None)
-    judged = ema.module if ema is not None else forward
+    judged, kept = (ema.module, ema.module) if ema is not None else (forward, model)
 
     start_epoch, best = 1, BestSoFar()
     if last_path.exists():
@@ -350,7 +350,6 @@ def fit(
             selection = metrics.get("val", metrics["train"]).value(config.selection_metric)
             if _is_better(selection, best.value, config.higher_is_better):
                 best = BestSoFar(epoch, selection)
-                kept = ema.module if ema is not None else model
                 save_atomic({"model": kept.state_dict(), "epoch": epoch, "config": config_json}, best_path)
             keep_going = hooks.on_epoch_end(epoch, metrics, best)
             save_atomic(

@@ -221,7 +221,6 @@ def test_averaged_weights_are_validated_kept_and_resumed(synthetic_data, tmp_pat
 
 def _region_faces(folder: Path, per_class: int = 40, size: int = 64) -> list[tuple[str, tuple[int, ...]]]:
     """Faces whose fakes had some of four regions painted over, named by the regions (`_1010`)."""
-    import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
