@@ -4,9 +4,10 @@ Each recipe file (`examples/seed.yaml`, `examples/best.yaml`) becomes a sweep ov
 training seed only; the split (and so the test faces) is the recipe's own and the same for
 every seed. Runs train through the real path (`realfake-scheduler sweep --local`, metrics
 in SQL, checkpoints), then `realfake.evaluation` scores each run's untouched test split:
-at the 0.5 cut-off, with the cut-off chosen on validation, with horizontal-flip TTA, and
-the mean P(fake) of all seeds (an ensemble). Sweeps already finished in `--home` under the
-same name are reused, so the evaluation can be re-run without training again.
+at the 0.5 cut-off, with the cut-off chosen on validation, with horizontal-flip TTA, on
+larger centre crops and on five crops of the training size, and the mean P(fake) of all
+seeds (an ensemble). Sweeps already finished in `--home` under the same name are reused,
+so the evaluation can be re-run without training again.
 
     python bench/accuracy.py                      # both recipes, seeds 0 1 2 (about 1.5 h on 2 CPU cores)
     python bench/accuracy.py --recipes examples/best.yaml --seeds 0
@@ -116,6 +117,8 @@ def main() -> None:
             {size for size in (window, base["resize"]) if size > base["image_size"]})
         for size in larger:
             variants[f"centre crop {size} px, cut-off on val"] = dict(tta=False, threshold="val", eval_size=size)
+        if larger:  # the mean over five training-size crops of that square, each mirrored too
+            variants["five crops + TTA, cut-off on val"] = dict(tta=True, threshold="val", crops=True)
         per_recipe, memo = {}, {}  # each run predicted once per view
         with session_scope(factory) as session:
             for label, options in variants.items():
@@ -127,6 +130,10 @@ def main() -> None:
             for size in larger:
                 per_recipe[f"ensemble of the seeds, centre crop {size} px, val"] = [
                     evaluate_runs(session, run_ids, cache=cache, memo=memo, eval_size=size)
+                ]
+            if larger:
+                per_recipe["ensemble of the seeds, five crops + TTA, val"] = [
+                    evaluate_runs(session, run_ids, tta=True, cache=cache, memo=memo, crops=True)
                 ]
         results[recipe.stem] = per_recipe
 

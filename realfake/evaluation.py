@@ -2,7 +2,7 @@
 
 What a training run records per epoch is enough to pick a model; this is what to report
 about it: test metrics with the decision threshold chosen on validation, optional
-test-time augmentation (horizontal flip), accuracy per group with 95% confidence
+test-time augmentation (horizontal flip, five crops), accuracy per group with 95% confidence
 intervals, and the metrics on the shortcut-free part of the test split (real faces and the
 fakes whose JPEG quantization tables also occur among the reals: see `realfake.audit`).
 """
@@ -18,6 +18,7 @@ import torch
 from scipy.stats import binomtest
 from sklearn.metrics import roc_curve
 from sqlalchemy.orm import Session
+from torchvision.transforms.v2.functional import five_crop
 
 from realfake.audit import image_metadata
 from realfake.config import TrainConfig
@@ -39,12 +40,19 @@ class Predictions:
 
 
 def predict(checkpoint: Path, root: Path, samples: Sequence[Sample], tta: bool = False,
-            cache: ModelCache | None = None, eval_size: int | None = None) -> np.ndarray:
+            cache: ModelCache | None = None, eval_size: int | None = None, crops: bool = False) -> np.ndarray:
     """P(fake) of each sample; with `tta`, the mean over the image and its mirror image.
 
     `eval_size`: centre crop instead of the run's own (up to its resize: the whole image).
+    `crops`: the mean over five crops of the training size (the four corners and the centre)
+    of the square the training crops came from (`eval_size`, else `crop_within`, else the
+    whole resized image); with `tta`, each is mirrored too.
     """
     model, config, runtime = (cache or ModelCache()).get(checkpoint)
+    if crops:
+        eval_size = eval_size or config.crop_within or config.resize
+        if eval_size <= config.image_size:
+            raise EvaluationError(f"five crops of {config.image_size} px need a larger square than {eval_size} px")
     if eval_size is not None:
         config = TrainConfig.model_validate(config.model_dump() | {"eval_size": eval_size})
     loader = torch.utils.data.DataLoader(FaceDataset(root, samples, eval_transform(config)), batch_size=64)
@@ -52,7 +60,9 @@ def predict(checkpoint: Path, root: Path, samples: Sequence[Sample], tta: bool =
     with torch.inference_mode(), runtime.autocast():
         for images, _, _ in loader:
             images = runtime.to_device(images)
-            views = [images, images.flip(-1)] if tta else [images]
+            views = list(five_crop(images, config.image_size)) if crops else [images]
+            if tta:
+                views += [view.flip(-1) for view in views]
             probabilities = [fake_probability(model(view)) for view in views]
             scores.append(torch.stack(probabilities).mean(0).cpu())
     return torch.cat(scores).numpy() if scores else np.zeros(0)
@@ -95,11 +105,13 @@ def summarize(samples: Sequence[Sample], scores: np.ndarray, threshold: float) -
 
 
 def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, threshold: str = "val",
-                  cache: ModelCache | None = None, memo: dict | None = None, eval_size: int | None = None) -> dict:
+                  cache: ModelCache | None = None, memo: dict | None = None, eval_size: int | None = None,
+                  crops: bool = False) -> dict:
     """Test metrics of one run, or of the mean P(fake) of several that share data and split.
 
     `threshold`: "val" picks the cut-off on the validation split; a number fixes it.
     `eval_size`: the centre crop to evaluate on, instead of each run's own (see `predict`).
+    `crops`: the mean over five crops of each run's training size (see `predict`).
     `memo`: a dict kept across calls, so each run's predictions are computed once.
     """
     runs = [session.get(Run, run_id) for run_id in run_ids]
@@ -113,13 +125,13 @@ def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, t
         raise EvaluationError(f"run {runs[0].id} has no test split")
     cache, memo = cache or ModelCache(), {} if memo is None else memo
     for run in runs:
-        if (run.id, tta, eval_size) not in memo:
+        if (run.id, tta, eval_size, crops) not in memo:
             checkpoint = model_checkpoint(run)
-            memo[run.id, tta, eval_size] = Predictions(
-                val=predict(checkpoint, root, parts.get("val", []), tta, cache, eval_size),
-                test=predict(checkpoint, root, parts["test"], tta, cache, eval_size),
+            memo[run.id, tta, eval_size, crops] = Predictions(
+                val=predict(checkpoint, root, parts.get("val", []), tta, cache, eval_size, crops),
+                test=predict(checkpoint, root, parts["test"], tta, cache, eval_size, crops),
             )
-    predictions = [memo[run.id, tta, eval_size] for run in runs]
+    predictions = [memo[run.id, tta, eval_size, crops] for run in runs]
     val = np.mean([p.val for p in predictions], axis=0)
     test = np.mean([p.test for p in predictions], axis=0)
     if threshold == "val":
@@ -134,6 +146,7 @@ def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, t
         "runs": list(run_ids),
         "tta": tta,
         "eval_size": eval_size,
+        "crops": crops,
         "threshold": cut,
         "val": summarize(parts["val"], val, cut) if parts.get("val") else None,
         "test": summarize(parts["test"], test, cut),

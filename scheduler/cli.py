@@ -351,6 +351,7 @@ def evaluate(
     tta: Annotated[bool, typer.Option("--tta", help="also score the mirror image and average")] = False,
     threshold: Annotated[str, typer.Option(help="'val': the cut-off with the best validation accuracy; or a number")] = "val",
     eval_size: Annotated[Optional[int], typer.Option(min=8, help="centre crop to evaluate on instead of each run's own (up to its resize)")] = None,
+    crops: Annotated[bool, typer.Option("--crops", help="average five crops of the training size (corners and centre) of the square the training crops came from")] = False,
     as_json: JSON = False,
 ) -> None:
     """Test-split metrics with confidence intervals, per group and on the shortcut-free part."""
@@ -365,11 +366,13 @@ def evaluate(
             runs = _best_runs(session, sweep, top)
         if not runs:
             raise typer.BadParameter("give run ids or --top N", param_hint="RUNS")
-        result = evaluate_runs(session, runs, tta=tta, threshold=threshold, eval_size=eval_size)
+        result = evaluate_runs(session, runs, tta=tta, threshold=threshold, eval_size=eval_size, crops=crops)
     if as_json:
         return _print_json(result)
     title = f"run{'s' if len(runs) > 1 else ''} {', '.join(map(str, runs))}{' with TTA' if tta else ''}"
-    if eval_size:
+    if crops:
+        title += f", five crops{f' of the {eval_size} px centre' if eval_size else ''}"
+    elif eval_size:
         title += f", {eval_size} px centre crop"
     table = Table("part", "n", "accuracy (95% CI)", "ROC-AUC", "F1", title=f"{title}, P(fake) >= {result['threshold']:.3f}")
     parts = (("validation", "val"), ("all", "test"), ("shortcut-free", "test_shortcut_free"), ("all, cut-off 0.5", "test_at_0.5"))

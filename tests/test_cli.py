@@ -173,6 +173,10 @@ def test_evaluate_reports_the_test_split_per_group_and_shortcut_free(home, finis
     assert ensemble.returncode == 0, ensemble.stderr
     both = json.loads(ensemble.stdout)
     assert both["runs"] == ids and both["tta"] and both["threshold"] == 0.5 and both["test"]["n"] == 40
+    cropped = cli("evaluate", strong, "--crops", "--tta", "--json", env=env, cwd=root)  # five 64-px crops of the 72-px face
+    assert cropped.returncode == 0, cropped.stderr
+    five = json.loads(cropped.stdout)
+    assert five["crops"] and five["tta"] and five["test"]["n"] == 40 and five["test"] != report["test"]
     top = json.loads(cli("evaluate", "--top", "1", "--sweep", "1", "--json", env=env, cwd=root).stdout)
     assert top["runs"] == [strong] and top["test"] == report["test"]
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pydantic import ValidationError
+from torchvision.transforms.v2 import functional as F
 
 from realfake.config import SplitConfig, TrainConfig
-from realfake.data import discover, samples_from_json
-from realfake.evaluation import predict, shortcut_free
+from realfake.data import FaceDataset, discover, eval_transform, samples_from_json
+from realfake.evaluation import EvaluationError, predict, shortcut_free
+from realfake.models import fake_probability
 from realfake.runs import create_run, train_run
 from realfake.scoring import (
     ModelCache,
@@ -70,3 +73,37 @@ def test_a_run_judges_the_whole_image_when_eval_size_says_so(tmp_path, mobilenet
 
     with pytest.raises(ValidationError, match="eval_size 64 is larger than resize 48"):
         predict(checkpoint, data, test, cache=cache, eval_size=64)
+
+
+def test_five_crops_average_the_corners_and_centre_of_the_training_window(tmp_path, mobilenet_weights):
+    """Trained on 32-px crops inside the centre 40 px of 48-px faces: `crops` is the mean
+    P(fake) of the four corner crops and the centre crop of that 40-px square, each mirrored
+    too with `tta`."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(engine)
+    factory = session_factory(engine)
+    data = make_synthetic(tmp_path / "data", per_class=10, size=48)
+    config = TrainConfig(backbone="mobilenet_v2", weights=str(mobilenet_weights), resize=48, image_size=32,
+                         crop_within=40, epochs=1, batch_size=8)
+    with session_scope(factory) as session:
+        run_id = create_run(session, config, data, SplitConfig(val=0.2, test=0.2)).id
+    train_run(factory, run_id, tmp_path / "artifacts")
+    with session_scope(factory) as session:
+        run = session.get(Run, run_id)
+        checkpoint, test = model_checkpoint(run), samples_from_json(run.split)["test"]
+    cache = ModelCache(precision="fp32")
+    model, _, _ = cache.get(checkpoint)
+    window = torch.stack([image for image, _, _ in FaceDataset(data, test, eval_transform(config.model_copy(update={"eval_size": 40})))])
+    corners = [(0, 0), (0, 8), (8, 0), (8, 8), (4, 4)]  # (top, left) of each 32-px crop in the 40-px square
+    views = [F.crop(window, top, left, 32, 32) for top, left in corners]
+    with torch.inference_mode():
+        plain = torch.stack([fake_probability(model(view)) for view in views]).mean(0).numpy()
+        mirrored = torch.stack([fake_probability(model(view.flip(-1))) for view in views]).mean(0).numpy()
+
+    assert predict(checkpoint, data, test, cache=cache, crops=True) == pytest.approx(plain, abs=1e-5)
+    both = predict(checkpoint, data, test, tta=True, cache=cache, crops=True)
+    assert both == pytest.approx((plain + mirrored) / 2, abs=1e-5)
+    assert not np.allclose(plain, predict(checkpoint, data, test, cache=cache), atol=1e-4)  # not the centre alone
+
+    with pytest.raises(EvaluationError, match="five crops of 32 px need a larger square than 32 px"):
+        predict(checkpoint, data, test, cache=cache, crops=True, eval_size=32)
