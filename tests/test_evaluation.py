@@ -45,21 +45,28 @@ def test_fakes_saved_with_tables_no_real_image_has_are_not_shortcut_free(tmp_pat
     assert {p.relative_to(root).as_posix() for p in resaved} == {s.path for s in samples} - kept
 
 
-def test_a_run_judges_the_whole_image_when_eval_size_says_so(tmp_path, mobilenet_weights):
-    """Trained on 32-px crops of 48-px faces with eval_size 48: evaluation and scoring both
-    look at the whole image, and give the same P(fake); evaluate can still ask for a crop."""
+def _one_epoch_run(tmp_path, weights, **options):
+    """A MobileNetV2 run trained one epoch on 32-px crops of 48-px synthetic faces: the
+    session factory, data root, run id, best checkpoint and test split."""
     engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     migrate(engine)
     factory = session_factory(engine)
     data = make_synthetic(tmp_path / "data", per_class=10, size=48)
-    config = TrainConfig(backbone="mobilenet_v2", weights=str(mobilenet_weights), resize=48, image_size=32,
-                         eval_size=48, epochs=1, batch_size=8)
+    config = TrainConfig(backbone="mobilenet_v2", weights=str(weights), resize=48, image_size=32,
+                         epochs=1, batch_size=8, **options)
     with session_scope(factory) as session:
         run_id = create_run(session, config, data, SplitConfig(val=0.2, test=0.2)).id
     train_run(factory, run_id, tmp_path / "artifacts")
     with session_scope(factory) as session:
         run = session.get(Run, run_id)
-        checkpoint, test = model_checkpoint(run), samples_from_json(run.split)["test"]
+        return factory, data, run_id, model_checkpoint(run), samples_from_json(run.split)["test"]
+
+
+def test_a_run_judges_the_whole_image_when_eval_size_says_so(tmp_path, mobilenet_weights):
+    """Trained on 32-px crops of 48-px faces with eval_size 48: evaluation and scoring both
+    look at the whole image, and give the same P(fake); evaluate can still ask for a crop."""
+    factory, data, run_id, checkpoint, test = _one_epoch_run(tmp_path, mobilenet_weights, eval_size=48)
+    with session_scope(factory) as session:
         job_id = create_scoring_job(session, run_id, data).id
     cache = ModelCache(precision="fp32")
 
@@ -79,20 +86,9 @@ def test_five_crops_average_the_corners_and_centre_of_the_training_window(tmp_pa
     """Trained on 32-px crops inside the centre 40 px of 48-px faces: `crops` is the mean
     P(fake) of the four corner crops and the centre crop of that 40-px square, each mirrored
     too with `tta`."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    migrate(engine)
-    factory = session_factory(engine)
-    data = make_synthetic(tmp_path / "data", per_class=10, size=48)
-    config = TrainConfig(backbone="mobilenet_v2", weights=str(mobilenet_weights), resize=48, image_size=32,
-                         crop_within=40, epochs=1, batch_size=8)
-    with session_scope(factory) as session:
-        run_id = create_run(session, config, data, SplitConfig(val=0.2, test=0.2)).id
-    train_run(factory, run_id, tmp_path / "artifacts")
-    with session_scope(factory) as session:
-        run = session.get(Run, run_id)
-        checkpoint, test = model_checkpoint(run), samples_from_json(run.split)["test"]
+    _, data, _, checkpoint, test = _one_epoch_run(tmp_path, mobilenet_weights, crop_within=40)
     cache = ModelCache(precision="fp32")
-    model, _, _ = cache.get(checkpoint)
+    model, config, _ = cache.get(checkpoint)
     window = torch.stack([image for image, _, _ in FaceDataset(data, test, eval_transform(config.model_copy(update={"eval_size": 40})))])
     corners = [(0, 0), (0, 8), (8, 0), (8, 8), (4, 4)]  # (top, left) of each 32-px crop in the 40-px square
     views = [F.crop(window, top, left, 32, 32) for top, left in corners]
