@@ -9,7 +9,7 @@ larger centre crops and on five crops of the training size, and the mean P(fake)
 seeds (an ensemble). Sweeps already finished in `--home` under the same name are reused,
 so the evaluation can be re-run without training again.
 
-    python bench/accuracy.py                      # both recipes, seeds 0 1 2 (about 1.5 h on 2 CPU cores)
+    python bench/accuracy.py                      # both recipes, seeds 0 1 2 (about 2 h on 2 CPU cores)
     python bench/accuracy.py --recipes examples/best.yaml --seeds 0
 """
 
