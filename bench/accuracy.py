@@ -9,7 +9,8 @@ larger centre crops and on five crops of the training size, and the mean P(fake)
 seeds (an ensemble). Sweeps already finished in `--home` under the same name are reused,
 so the evaluation can be re-run without training again.
 
-    python bench/accuracy.py                      # both recipes, seeds 0 1 2 (about 2 h on 2 CPU cores)
+    make accuracy                                 # both recipes, seeds 0 1 2 (about 2 h on 2 CPU cores)
+    python bench/accuracy.py                      # the same, where TORCH_HOME holds the ImageNet weights
     python bench/accuracy.py --recipes examples/best.yaml --seeds 0
 """
 
@@ -68,6 +69,15 @@ def finished_sweep(factory, spec: dict) -> list[int] | None:
         return [run.id for run in runs]
 
 
+def failed_runs(factory, spec: dict) -> str:
+    """One line per run of the sweep's latest attempt that did not succeed, with its error."""
+    with session_scope(factory) as session:
+        sweep = session.scalars(select(Sweep).where(Sweep.name == spec["name"]).order_by(Sweep.id.desc())).first()
+        runs = session.scalars(select(Run).where(Run.sweep_id == sweep.id).order_by(Run.id)).all()
+        return "\n".join(f"  run {run.id} {run.status.value}: {run.error or '-'}"
+                         for run in runs if run.status is not RunStatus.SUCCEEDED)
+
+
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -101,6 +111,8 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "scheduler.cli", "sweep", str(spec_path), "--local"],
                            env=env, cwd=REPO, check=True)
             run_ids = finished_sweep(factory, spec)
+            if run_ids is None:
+                sys.exit(f"{name}: not every run succeeded, nothing to evaluate\n" + failed_runs(factory, spec))
         else:
             print(f"reusing the finished sweep {name}: runs {run_ids}", flush=True)
         variants = {
