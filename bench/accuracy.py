@@ -51,7 +51,6 @@ def seeds_sweep(recipe: Path, seeds: list[int], out: Path, backbone: str | None)
     spec.pop("early_terminate", None)
     if backbone:  # ResNet50's weights are not to be had offline: the seed recipe on MobileNetV2
         spec["base"]["backbone"] = backbone
-    spec["base"]["precision"] = "bf16"  # a runtime setting: bf16 autocast where the CPU has it
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return spec, path

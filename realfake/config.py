@@ -75,7 +75,7 @@ class TrainConfig(BaseModel):
     selection_metric: SelectionMetric = "accuracy"
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere"
+        "auto", description="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), fp32 elsewhere"
     )
     compile: bool = Field(False, description="torch.compile the model (pays off on GPUs; compiling takes minutes)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")

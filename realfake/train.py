@@ -78,27 +78,19 @@ class Runtime:
 
     @classmethod
     def for_config(cls, config: TrainConfig) -> Runtime:
+        """Training settings: channels-last everywhere (fp32 on an AVX2 CPU too: ~1.5x a step,
+        bench/train_step.py); bf16 autocast as `config.precision` says, `auto` where it is native."""
         name = config.device
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(name)
-        on_cuda = device.type == "cuda"
-        precision = config.precision
-        if precision == "auto":
-            precision = "bf16" if on_cuda else "fp32"
-        dtype = torch.bfloat16 if precision == "bf16" else None
-        # oneDNN's bf16 kernels want channels-last too (MobileNetV2 at 288 px: ~1.3x a step here)
-        return cls(device, dtype, channels_last=on_cuda or dtype is not None)
+        return cls(device, _autocast_dtype(config.precision, device), channels_last=True)
 
     @classmethod
     def for_scoring(cls, config: TrainConfig, precision: str = "auto") -> Runtime:
-        """Inference settings: channels-last everywhere; bf16 on CUDA and on CPUs with native bf16."""
+        """Inference settings: the checkpoint's device, the caller's precision (not the training one)."""
         base = cls.for_config(config)
-        if precision == "auto":
-            native = base.device.type == "cuda" or cpu_has_bf16()
-            precision = "bf16" if native else "fp32"
-        dtype = torch.bfloat16 if precision == "bf16" else None
-        return cls(base.device, dtype, channels_last=True)
+        return cls(base.device, _autocast_dtype(precision, base.device), channels_last=True)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -108,6 +100,14 @@ class Runtime:
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         return images.to(self.device, non_blocking=True, memory_format=memory_format)
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 when asked, or with `auto` where the hardware computes it natively: emulated on
+    a CPU without AVX-512 BF16 or AMX it is several times slower than fp32."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def cpu_has_bf16() -> bool:
@@ -295,6 +295,9 @@ def fit(
     checkpoint_dir = Path(checkpoint_dir)
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
     runtime = Runtime.for_config(config)
+    if config.precision == "bf16" and runtime.device.type == "cpu" and not cpu_has_bf16():
+        log.warning("precision bf16 on a CPU without native bf16 (AVX-512 BF16 or AMX): autocast "
+                    "emulates it, several times slower than fp32; `precision: auto` picks fp32 here")
 
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)

@@ -158,7 +158,7 @@ def test_a_compiled_model_trains_like_the_eager_one_and_saves_plain_weights(synt
 
     # no dropout: compiled code draws its random numbers differently
     config = TrainConfig(backbone="resnet18", weights="none", dropout=0.0, resize=32, image_size=32, rotation=0, color_jitter=0,
-                         epochs=1, batch_size=40, seed=3, decode_cache=False)
+                         epochs=1, batch_size=40, seed=3, decode_cache=False, precision="fp32")
     split = stratified_split(discover(synthetic_data), SplitConfig(val=0.2, test=0.2, seed=0))
     states = {}
     for compiled in (False, True):
@@ -196,7 +196,7 @@ def test_averaged_weights_are_validated_kept_and_resumed(synthetic_data, tmp_pat
 
     config = TrainConfig(backbone="resnet18", weights="none", resize=32, image_size=32, rotation=0, color_jitter=0,
                          lr=1e-3, epochs=3, batch_size=40, seed=3, selection_metric="loss", ema_decay=0.9,
-                         decode_cache=False)
+                         decode_cache=False, precision="fp32")  # compared with fp32 predictions below
     split = stratified_split(discover(synthetic_data), SplitConfig(val=0.2, test=0.2, seed=0))
     whole = _Remembering()
     assert fit(config, synthetic_data, split, tmp_path / "whole", whole).outcome == "completed"
@@ -277,15 +277,32 @@ def test_region_supervision_learns_which_regions_a_fake_replaced(factory, mobile
     assert p_fake.tolist() == pytest.approx(torch.softmax(output[:, :2], 1)[:, 1].tolist(), abs=1e-4)
 
 
-def test_bf16_on_the_cpu_trains_channels_last(factory, synthetic_data, mobilenet_weights, tmp_path):
+def test_auto_precision_takes_bf16_only_where_the_cpu_has_it(mobilenet_weights, monkeypatch):
+    from realfake import train
     from realfake.train import Runtime
+
+    cpu = small_config(mobilenet_weights, device="cpu")
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(train, "cpu_has_bf16", lambda native=native: native)
+        assert Runtime.for_config(cpu).autocast_dtype is expected
+        assert Runtime.for_scoring(cpu).autocast_dtype is expected
+        # what is asked for is what runs, native or not; channels-last in every case
+        for asked, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
+            runtime = Runtime.for_config(cpu.model_copy(update={"precision": asked}))
+            assert runtime.autocast_dtype is dtype and runtime.channels_last
+            assert Runtime.for_scoring(cpu, asked).autocast_dtype is dtype
+
+
+def test_bf16_on_the_cpu_trains_channels_last(factory, synthetic_data, mobilenet_weights, tmp_path, caplog):
+    from realfake.train import Runtime, cpu_has_bf16
 
     config = small_config(mobilenet_weights, precision="bf16", device="cpu", epochs=1)
     runtime = Runtime.for_config(config)
     assert runtime.autocast_dtype is torch.bfloat16 and runtime.channels_last
-    assert not Runtime.for_config(small_config(mobilenet_weights, device="cpu")).channels_last  # fp32 stays as it was
     run_id = new_run(factory, synthetic_data, config)
     assert train_run(factory, run_id, tmp_path / "artifacts").outcome == "completed"
     with session_scope(factory) as session:
         rows = epoch_rows(session, run_id)
     assert len(rows) == 3 and all(0.0 <= r.loss < 10.0 for r in rows)
+    emulated = "without native bf16" in caplog.text
+    assert emulated is not cpu_has_bf16()  # the user hears why an emulated bf16 run is slow
