@@ -78,7 +78,7 @@ class Runtime:
 
     @classmethod
     def for_config(cls, config: TrainConfig) -> Runtime:
-        """Training settings: channels-last everywhere (fp32 on an AVX2 CPU too: ~1.5x a step,
+        """Training settings: channels-last everywhere (fp32 on an AVX2 CPU too: 1.72x a step,
         bench/train_step.py); bf16 autocast as `config.precision` says, `auto` where it is native."""
         name = config.device
         if name == "auto":
