@@ -56,25 +56,28 @@ def seeds_sweep(recipe: Path, seeds: list[int], out: Path, backbone: str | None)
     return spec, path
 
 
-def finished_sweep(factory, spec: dict) -> list[int] | None:
-    """The runs of an earlier sweep of this name and recipe, if all of them succeeded."""
+def recipe_runs(factory, spec: dict) -> list[tuple[int, RunStatus, str | None]]:
+    """(id, status, error) of each run of the latest sweep of this name and recipe, if any."""
     with session_scope(factory) as session:
         sweep = session.scalars(select(Sweep).where(Sweep.name == spec["name"]).order_by(Sweep.id.desc())).first()
         if sweep is None or sweep.spec["base"] != spec["base"] or sweep.spec["data"] != spec["data"]:
-            return None
+            return []
         runs = session.scalars(select(Run).where(Run.sweep_id == sweep.id).order_by(Run.id)).all()
-        if not runs or any(run.status is not RunStatus.SUCCEEDED for run in runs):
-            return None
-        return [run.id for run in runs]
+        return [(run.id, run.status, run.error) for run in runs]
+
+
+def finished_sweep(factory, spec: dict) -> list[int] | None:
+    """The runs of an earlier sweep of this name and recipe, if all of them succeeded."""
+    runs = recipe_runs(factory, spec)
+    if not runs or any(status is not RunStatus.SUCCEEDED for _, status, _ in runs):
+        return None
+    return [run_id for run_id, _, _ in runs]
 
 
 def failed_runs(factory, spec: dict) -> str:
-    """One line per run of the sweep's latest attempt that did not succeed, with its error."""
-    with session_scope(factory) as session:
-        sweep = session.scalars(select(Sweep).where(Sweep.name == spec["name"]).order_by(Sweep.id.desc())).first()
-        runs = session.scalars(select(Run).where(Run.sweep_id == sweep.id).order_by(Run.id)).all()
-        return "\n".join(f"  run {run.id} {run.status.value}: {run.error or '-'}"
-                         for run in runs if run.status is not RunStatus.SUCCEEDED)
+    """One line per run of the latest sweep of this recipe that did not succeed, with its error."""
+    return "\n".join(f"  run {run_id} {status.value}: {error or '-'}"
+                     for run_id, status, error in recipe_runs(factory, spec) if status is not RunStatus.SUCCEEDED)
 
 
 def spread(values: list[float]) -> str:

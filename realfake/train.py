@@ -106,8 +106,12 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 when asked, or with `auto` where the hardware computes it natively: emulated on
     a CPU without AVX-512 BF16 or AMX it is several times slower than fp32."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
+        precision = "bf16" if native_bf16(device) else "fp32"
     return torch.bfloat16 if precision == "bf16" else None
+
+
+def native_bf16(device: torch.device) -> bool:
+    return device.type == "cuda" or cpu_has_bf16()
 
 
 def cpu_has_bf16() -> bool:
@@ -295,7 +299,7 @@ def fit(
     checkpoint_dir = Path(checkpoint_dir)
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
     runtime = Runtime.for_config(config)
-    if config.precision == "bf16" and runtime.device.type == "cpu" and not cpu_has_bf16():
+    if config.precision == "bf16" and not native_bf16(runtime.device):
         log.warning("precision bf16 on a CPU without native bf16 (AVX-512 BF16 or AMX): autocast "
                     "emulates it, several times slower than fp32; `precision: auto` picks fp32 here")
 
