@@ -109,7 +109,7 @@ def test_asha_when_lower_is_better():
     assert not should_continue(0.3, losses, 2, higher_is_better=False)
 
 
-@pytest.mark.parametrize("name", ["seed.yaml", "sweep.yaml", "best.yaml"])
+@pytest.mark.parametrize("name", ["seed.yaml", "sweep.yaml", "best.yaml", "best-448.yaml"])
 def test_the_example_sweep_files_are_valid(name):
     from tests.conftest import REPO
 
