@@ -46,7 +46,8 @@ def sweep_file(path, data, lrs, epochs=3) -> str:
         "method": "grid",
         "parameters": {"lr": {"values": lrs}},
         "base": {"backbone": "mobilenet_v2", "weights": "imagenet", "resize": 72, "image_size": 64,
-                 "rotation": 5, "color_jitter": 0.1, "batch_size": 16, "epochs": epochs, "seed": 1},
+                 "rotation": 5, "color_jitter": 0.1, "batch_size": 16, "epochs": epochs, "seed": 1,
+                 "precision": "fp32"},  # auto takes bf16 on CPUs with it: thresholds below are for fp32
         "early_terminate": {"type": "asha", "min_epochs": 1, "reduction_factor": 3},
     }))
     return str(path)
