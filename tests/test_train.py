@@ -282,7 +282,7 @@ def test_auto_precision_takes_bf16_only_where_the_cpu_has_it(mobilenet_weights, 
     from realfake import train
     from realfake.train import Runtime
 
-    cpu = small_config(mobilenet_weights, device="cpu")
+    cpu = small_config(mobilenet_weights, device="cpu", precision="auto")
     for native, expected in ((True, torch.bfloat16), (False, None)):
         monkeypatch.setattr(train, "cpu_has_bf16", lambda native=native: native)
         assert Runtime.for_config(cpu).autocast_dtype is expected
