@@ -54,6 +54,10 @@ class TrainConfig(BaseModel):
     # optimisation
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-4, gt=0.0)
+    backbone_lr: float | None = Field(
+        None, gt=0.0, description="learning rate of the backbone, below the new head's `lr` to keep more "
+        "of what the pretrained weights know; None = lr"
+    )
     weight_decay: float = Field(0.0, ge=0.0)
     momentum: float = Field(0.9, ge=0.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"

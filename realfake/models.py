@@ -27,6 +27,8 @@ class BackboneSpec:
     attach_head: Callable[[nn.Module, Callable[[int], nn.Module]], int]
     # the leading stages, in order, that `freeze` counts
     stages: Callable[[nn.Module], list[nn.Module]]
+    # the module `attach_head` put in, so the new head can learn at its own rate
+    head: Callable[[nn.Module], nn.Module]
 
 
 def _resnet_head(model: nn.Module, make: Callable[[int], nn.Module]) -> int:
@@ -59,21 +61,33 @@ def _feature_stages(model: nn.Module) -> list[nn.Module]:
     return list(model.features.children())
 
 
+def _resnet_head_module(model: nn.Module) -> nn.Module:
+    return model.fc
+
+
+def _classifier_head_module(model: nn.Module) -> nn.Module:
+    return model.classifier
+
+
+def _convnext_head_module(model: nn.Module) -> nn.Module:
+    return model.classifier[-1]
+
+
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, _resnet_head, _resnet_stages),
-    "resnet34": BackboneSpec(tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, _resnet_head, _resnet_stages),
-    "resnet50": BackboneSpec(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, _resnet_head, _resnet_stages),
+    "resnet18": BackboneSpec(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, _resnet_head, _resnet_stages, _resnet_head_module),
+    "resnet34": BackboneSpec(tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, _resnet_head, _resnet_stages, _resnet_head_module),
+    "resnet50": BackboneSpec(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, _resnet_head, _resnet_stages, _resnet_head_module),
     "mobilenet_v2": BackboneSpec(
-        tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, _classifier_head, _feature_stages
+        tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, _classifier_head, _feature_stages, _classifier_head_module
     ),
     "mobilenet_v3_large": BackboneSpec(
-        tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1, _classifier_head, _feature_stages
+        tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1, _classifier_head, _feature_stages, _classifier_head_module
     ),
     "efficientnet_b0": BackboneSpec(
-        tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, _classifier_head, _feature_stages
+        tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, _classifier_head, _feature_stages, _classifier_head_module
     ),
     "convnext_tiny": BackboneSpec(
-        tvm.convnext_tiny, tvm.ConvNeXt_Tiny_Weights.IMAGENET1K_V1, _convnext_head, _feature_stages
+        tvm.convnext_tiny, tvm.ConvNeXt_Tiny_Weights.IMAGENET1K_V1, _convnext_head, _feature_stages, _convnext_head_module
     ),
 }
 
@@ -155,6 +169,11 @@ def build_model(config: TrainConfig) -> nn.Module:
     for stage in stages[: config.freeze]:
         stage.requires_grad_(False)
     return model
+
+
+def head_parameters(model: nn.Module, backbone: str) -> list[nn.Parameter]:
+    """The parameters of the head `build_model` attached (the rest are the backbone's)."""
+    return list(BACKBONES[backbone].head(model).parameters())
 
 
 def imagenet_weights_cached(name: str) -> bool:

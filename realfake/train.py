@@ -31,7 +31,7 @@ from realfake.data import (
     train_transform,
 )
 from realfake.metrics import Metrics, compute_metrics
-from realfake.models import build_model, class_logits, fake_probability
+from realfake.models import build_model, class_logits, fake_probability, head_parameters
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,14 @@ def cpu_has_bf16() -> bool:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list = [p for p in model.parameters() if p.requires_grad]
+    if config.backbone_lr is not None:
+        # Two groups, the head at `lr`; without backbone_lr one group, as older checkpoints hold.
+        in_head = {id(p) for p in head_parameters(model, config.backbone)}
+        params = [
+            {"params": [p for p in params if id(p) in in_head], "lr": config.lr},
+            {"params": [p for p in params if id(p) not in in_head], "lr": config.backbone_lr},
+        ]
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay

@@ -7,9 +7,15 @@ import pytest
 import torch
 
 from realfake.config import SplitConfig, TrainConfig
+from realfake.models import build_model
 from realfake.runs import SqlHooks, create_run, epoch_rows, train_run
 from realfake.store import Run, RunStatus, session_scope
-from realfake.train import TrainHooks, load_checkpoint, make_lr_scheduler
+from realfake.train import (
+    TrainHooks,
+    load_checkpoint,
+    make_lr_scheduler,
+    make_optimizer,
+)
 
 EPOCHS = 4
 
@@ -150,6 +156,33 @@ def test_cosine_schedule_with_warmup():
     assert rates[0] == pytest.approx(0.5)  # warm-up
     assert rates[1] == pytest.approx(1.0)
     assert rates[1] > rates[2] > rates[3] > rates[4] > 0
+
+
+@pytest.mark.parametrize("backbone, head_name", [("mobilenet_v2", "classifier"), ("resnet18", "fc")])
+def test_backbone_lr_gives_the_backbone_its_own_rate_and_the_schedule_scales_both(backbone, head_name):
+    config = TrainConfig(backbone=backbone, weights="none", lr=1e-3, backbone_lr=1e-4, freeze=1,
+                         epochs=3, lr_schedule="cosine")
+    model = build_model(config)
+    optimizer = make_optimizer(model, config)
+    head, body = optimizer.param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert head["lr"] == 1e-3 and body["lr"] == 1e-4
+    assert {names[id(p)].split(".")[0] for p in head["params"]} == {head_name}
+    assert not any(names[id(p)].startswith(head_name + ".") for p in body["params"])
+    # every trainable parameter in exactly one group; the frozen stem in none
+    grouped = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    assert len(grouped) < len(list(model.parameters()))
+    scheduler = make_lr_scheduler(optimizer, config)
+    optimizer.step()
+    scheduler.step()
+    assert head["lr"] / body["lr"] == pytest.approx(10.0)
+
+
+def test_without_backbone_lr_one_group_as_older_checkpoints_hold():
+    config = TrainConfig(backbone="mobilenet_v2", weights="none", lr=1e-3)
+    (group,) = make_optimizer(build_model(config), config).param_groups
+    assert group["lr"] == 1e-3
 
 
 @pytest.mark.slow
