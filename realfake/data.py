@@ -164,7 +164,8 @@ def train_transform(config: TrainConfig, resized: bool = False) -> v2.Compose:
     `resized`: the input is already a resized uint8 tensor (from the decoded cache).
     """
     steps: list[v2.Transform] = [] if resized else resize_steps(config)
-    steps.append(v2.RandomRotation(config.rotation))
+    if config.rotation > 0:
+        steps.append(v2.RandomRotation(config.rotation))
     if config.crop_within is not None:  # rotated first, so the window has no empty corners
         steps.append(v2.CenterCrop(config.crop_within))
     steps += [

@@ -142,6 +142,19 @@ def test_train_transform_includes_the_seed_augmentation():
     assert "CenterCrop" in eval_names and "RandomRotation" not in eval_names
 
 
+def test_without_rotation_jitter_or_jpeg_a_full_size_training_crop_is_the_face_or_its_mirror():
+    # forensic cues sit in single pixels: turning every augmentation off must leave them as they are
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8))
+    config = TrainConfig(resize=32, image_size=32, rotation=0, color_jitter=0)
+    names = [type(t).__name__ for t in train_transform(config).transforms]
+    assert "RandomRotation" not in names and "ColorJitter" not in names
+    plain = eval_transform(config)(image)
+    torch.manual_seed(0)
+    views = [train_transform(config)(image) for _ in range(20)]
+    assert all(torch.equal(v, plain) or torch.equal(v, plain.flip(-1)) for v in views)
+    assert any(torch.equal(v, plain.flip(-1)) for v in views)
+
+
 def test_crop_within_keeps_training_crops_inside_the_centre_square():
     """A blue 32-px centre inside a red 64-px face: with crop_within 32 no 16-px training crop
     ever shows red; without it, some do. A window outside image_size..resize is refused."""
