@@ -23,18 +23,11 @@ class WeightsUnavailable(RuntimeError):
 class BackboneSpec:
     builder: Callable[..., nn.Module]
     imagenet: tvm.WeightsEnum
-    # replaces the ImageNet classifier with `head` and returns the feature width it sees
-    attach_head: Callable[[nn.Module, Callable[[int], nn.Module]], int]
+    # where the seed head goes in place of the ImageNet classifier (a submodule path): it is
+    # attached there, and found there when it learns at its own rate
+    head: str
     # the leading stages, in order, that `freeze` counts
     stages: Callable[[nn.Module], list[nn.Module]]
-    # the module `attach_head` put in, so the new head can learn at its own rate
-    head: Callable[[nn.Module], nn.Module]
-
-
-def _resnet_head(model: nn.Module, make: Callable[[int], nn.Module]) -> int:
-    width = model.fc.in_features
-    model.fc = make(width)
-    return width
 
 
 def _resnet_stages(model: nn.Module) -> list[nn.Module]:
@@ -42,52 +35,25 @@ def _resnet_stages(model: nn.Module) -> list[nn.Module]:
     return [stem, model.layer1, model.layer2, model.layer3, model.layer4]
 
 
-def _classifier_head(model: nn.Module, make: Callable[[int], nn.Module]) -> int:
-    # mobilenet_v2 and efficientnet end in Dropout-Linear, mobilenet_v3 in an MLP:
-    # the seed head replaces the whole classifier and sees the pooled features.
-    width = next(m for m in model.classifier if isinstance(m, nn.Linear)).in_features
-    model.classifier = make(width)
-    return width
-
-
-def _convnext_head(model: nn.Module, make: Callable[[int], nn.Module]) -> int:
-    # keep convnext's LayerNorm + Flatten, replace only its final Linear
-    width = model.classifier[-1].in_features
-    model.classifier[-1] = make(width)
-    return width
-
-
 def _feature_stages(model: nn.Module) -> list[nn.Module]:
     return list(model.features.children())
 
 
-def _resnet_head_module(model: nn.Module) -> nn.Module:
-    return model.fc
-
-
-def _classifier_head_module(model: nn.Module) -> nn.Module:
-    return model.classifier
-
-
-def _convnext_head_module(model: nn.Module) -> nn.Module:
-    return model.classifier[-1]
-
-
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, _resnet_head, _resnet_stages, _resnet_head_module),
-    "resnet34": BackboneSpec(tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, _resnet_head, _resnet_stages, _resnet_head_module),
-    "resnet50": BackboneSpec(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, _resnet_head, _resnet_stages, _resnet_head_module),
+    "resnet18": BackboneSpec(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, "fc", _resnet_stages),
+    "resnet34": BackboneSpec(tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, "fc", _resnet_stages),
+    "resnet50": BackboneSpec(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, "fc", _resnet_stages),
     "mobilenet_v2": BackboneSpec(
-        tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, _classifier_head, _feature_stages, _classifier_head_module
+        tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, "classifier", _feature_stages
     ),
     "mobilenet_v3_large": BackboneSpec(
-        tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1, _classifier_head, _feature_stages, _classifier_head_module
+        tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1, "classifier", _feature_stages
     ),
     "efficientnet_b0": BackboneSpec(
-        tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, _classifier_head, _feature_stages, _classifier_head_module
+        tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, "classifier", _feature_stages
     ),
     "convnext_tiny": BackboneSpec(
-        tvm.convnext_tiny, tvm.ConvNeXt_Tiny_Weights.IMAGENET1K_V1, _convnext_head, _feature_stages, _convnext_head_module
+        tvm.convnext_tiny, tvm.ConvNeXt_Tiny_Weights.IMAGENET1K_V1, "classifier.2", _feature_stages  # after its LayerNorm, Flatten
     ),
 }
 
@@ -162,7 +128,12 @@ def build_model(config: TrainConfig) -> nn.Module:
     spec = BACKBONES[config.backbone]
     model = _load_backbone(config.backbone, config.weights)
     outputs = 2 + (len(REGIONS) if config.region_weight > 0 else 0)
-    spec.attach_head(model, lambda width: seed_head(width, config.hidden, config.dropout, outputs))
+    # The feature width the classifier saw: its own in_features, or its first Linear's
+    # (mobilenet_v2 and efficientnet end in Dropout-Linear, mobilenet_v3 in an MLP).
+    classifier = model.get_submodule(spec.head)
+    first = classifier if isinstance(classifier, nn.Linear) else next(
+        m for m in classifier.modules() if isinstance(m, nn.Linear))
+    model.set_submodule(spec.head, seed_head(first.in_features, config.hidden, config.dropout, outputs))
     stages = spec.stages(model)
     if config.freeze > len(stages):
         raise ValueError(f"freeze={config.freeze} but {config.backbone} has {len(stages)} stages")
@@ -173,7 +144,7 @@ def build_model(config: TrainConfig) -> nn.Module:
 
 def head_parameters(model: nn.Module, backbone: str) -> list[nn.Parameter]:
     """The parameters of the head `build_model` attached (the rest are the backbone's)."""
-    return list(BACKBONES[backbone].head(model).parameters())
+    return list(model.get_submodule(BACKBONES[backbone].head).parameters())
 
 
 def imagenet_weights_cached(name: str) -> bool:
