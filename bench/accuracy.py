@@ -29,7 +29,7 @@ from sqlalchemy import select
 
 from realfake.config import Settings
 from realfake.evaluation import evaluate_runs
-from realfake.scoring import ModelCache
+from realfake.inference import ModelCache
 from realfake.store import (
     Run,
     RunStatus,

@@ -23,13 +23,13 @@ import torch
 from realfake.config import TrainConfig
 from realfake.data import (
     decode_on_device,
-    discover,
     load_for_eval,
     normalize_batch,
     normalize_chw,
     read_for_device,
 )
 from realfake.models import build_model
+from realfake.samples import discover
 
 REPO = Path(__file__).resolve().parent.parent
 

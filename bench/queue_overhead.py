@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from realfake.config import Settings, SplitConfig, TrainConfig
+from realfake.inference import ModelCache, score_shard
 from realfake.models import imagenet_weights_cached
 from realfake.runs import create_run, train_run
-from realfake.scoring import ModelCache, create_scoring_job, rows_written, score_shard
+from realfake.scoring import create_scoring_job, rows_written
 from realfake.store import (
     make_engine,
     migrate,

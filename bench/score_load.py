@@ -21,9 +21,10 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from realfake.config import Settings, SplitConfig, TrainConfig
+from realfake.inference import ModelCache, score_shard
 from realfake.models import imagenet_weights_cached
 from realfake.runs import create_run, train_run
-from realfake.scoring import ModelCache, create_scoring_job, score_shard
+from realfake.scoring import create_scoring_job
 from realfake.store import (
     Prediction,
     make_engine,

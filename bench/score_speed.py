@@ -28,16 +28,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from realfake.config import Settings, SplitConfig, TrainConfig
-from realfake.data import discover, load_for_eval, normalize_batch
+from realfake.data import load_for_eval, normalize_batch
+from realfake.inference import ModelCache, score_shard
 from realfake.models import imagenet_weights_cached
 from realfake.runs import create_run, train_run
-from realfake.scoring import (
-    ModelCache,
-    create_scoring_job,
-    model_checkpoint,
-    rows_written,
-    score_shard,
-)
+from realfake.samples import discover
+from realfake.scoring import create_scoring_job, model_checkpoint, rows_written
 from realfake.store import (
     Prediction,
     Run,

@@ -22,15 +22,10 @@ import torch
 from torch import nn
 
 from realfake.config import SplitConfig, TrainConfig
-from realfake.data import (
-    FaceDataset,
-    discover,
-    eval_transform,
-    stratified_split,
-    train_transform,
-)
+from realfake.data import FaceDataset, eval_transform, train_transform
 from realfake.models import build_model, imagenet_weights_cached
 from realfake.runs import SqlHooks, create_run, train_run
+from realfake.samples import discover, stratified_split
 from realfake.store import make_engine, migrate, session_factory, session_scope
 from realfake.synthetic import make_synthetic
 from realfake.train import Runtime, _loader

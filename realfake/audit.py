@@ -19,7 +19,7 @@ from PIL import Image, JpegImagePlugin
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.tree import DecisionTreeClassifier
 
-from realfake.data import Sample, discover
+from realfake.samples import Sample, discover
 
 # The IJG standard luminance table, for estimating the quality a JPEG was saved at.
 _STD_LUMA = np.array([

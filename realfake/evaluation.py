@@ -22,15 +22,14 @@ from torchvision.transforms.v2.functional import five_crop
 
 from realfake.audit import image_metadata
 from realfake.config import TrainConfig
-from realfake.data import FaceDataset, Sample, eval_transform, samples_from_json
+from realfake.data import FaceDataset, eval_transform
+from realfake.errors import EvaluationError
+from realfake.inference import ModelCache
 from realfake.metrics import compute_metrics
 from realfake.models import fake_probability
-from realfake.scoring import ModelCache, model_checkpoint
+from realfake.samples import Sample, samples_from_json
+from realfake.scoring import model_checkpoint
 from realfake.store import Run
-
-
-class EvaluationError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
-)
 
 
 @dataclass(frozen=True)
@@ -45,6 +39,14 @@ def compute_metrics(
     groups: Sequence[str | None] | None = None,
     threshold: float = 0.5,
 ) -> Metrics:
+    # scikit-learn loads here, not with the module: the scheduler reads Metrics without it
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
+
     y_true = np.asarray(labels, dtype=int)
     scores = np.asarray(p_fake, dtype=float)
     if y_true.shape != scores.shape or y_true.size == 0:

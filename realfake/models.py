@@ -12,11 +12,8 @@ from torch.hub import get_dir
 from torchvision import models as tvm
 
 from realfake.config import TrainConfig
-from realfake.data import REGIONS
-
-
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights could not be loaded; the message says which file to put where."""
+from realfake.errors import WeightsUnavailable
+from realfake.samples import REGIONS
 
 
 @dataclass(frozen=True)

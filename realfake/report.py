@@ -11,8 +11,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from realfake.data import samples_from_json
-from realfake.runs import RunNotFound, epoch_rows
+from realfake.errors import RunNotFound
+from realfake.runs import epoch_rows
+from realfake.samples import samples_from_json
 from realfake.store import EpochMetric, Run, Sweep
 
 EPOCH_FIELDS = ("loss", "accuracy", "precision", "recall", "f1", "roc_auc", "tp", "fp", "tn", "fn", "group_accuracy")

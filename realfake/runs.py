@@ -17,21 +17,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from pydantic import ValidationError
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from realfake.config import SplitConfig, TrainConfig
-from realfake.data import (
+from realfake.errors import RunNotFound
+from realfake.hooks import BestSoFar, FitResult, TrainHooks
+from realfake.metrics import Metrics
+from realfake.pruning import asha_prune_hook
+from realfake.samples import (
     check_images,
     discover,
     samples_from_json,
     samples_to_json,
     stratified_split,
 )
-from realfake.metrics import Metrics
-from realfake.pruning import asha_prune_hook
 from realfake.store import (
     EpochMetric,
     Run,
@@ -42,16 +43,11 @@ from realfake.store import (
     upsert,
 )
 from realfake.sweeps import SpecError, SweepSpec, expand
-from realfake.train import BestSoFar, FitResult, TrainHooks, fit
 
 log = logging.getLogger(__name__)
 
 # Asked after each epoch whether the run should stop early (the sweep's pruner).
 PruneHook = Callable[[Session, int, int, dict[str, Metrics]], bool]
-
-
-class RunNotFound(LookupError):
-    pass
 
 
 class LeaseLost(RuntimeError):
@@ -379,6 +375,10 @@ def train_run(
     message (an out-of-memory error included, rather than retrying into it again). A crash
     of the process leaves the run RUNNING until its heartbeat goes stale and it is taken over.
     """
+    import torch  # here, not at the top: the scheduler uses this module without loading torch
+
+    from realfake.train import fit
+
     lease = claim_run(factory, run_id, worker, artifacts, grace_s)
     if lease is None:
         return None

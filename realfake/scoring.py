@@ -1,35 +1,20 @@
-"""Bulk scoring: a folder becomes a job of shards; each shard writes one row per file.
+"""Bulk scoring jobs: a folder becomes a job of shards, recorded in SQL; the workers score
+the shards (`realfake.inference`), and a lost shard is sent again.
 
-A shard never fails because of one file: an unreadable image, or a path that leads out
-of the data roots, is a row with an error. Rows are upserted on (job, path), so a shard
-that is delivered twice or retried never duplicates them.
+Nothing here loads torch: the scheduler creates jobs and follows their progress without it.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
-from torch import nn
 
 from realfake.config import TrainConfig
-from realfake.data import (
-    IMAGE_SUFFIXES,
-    decode_on_device,
-    ensure_inside,
-    load_for_eval,
-    normalize_batch,
-    normalize_chw,
-    read_for_device,
-)
-from realfake.models import build_model, fake_probability
-from realfake.runs import RunNotFound
+from realfake.errors import RunNotFound, ScoringError
+from realfake.samples import IMAGE_SUFFIXES, ensure_inside
 from realfake.store import (
     JobStatus,
     Prediction,
@@ -37,15 +22,7 @@ from realfake.store import (
     ScoringJob,
     database_cutoff,
     session_scope,
-    upsert,
 )
-from realfake.train import Runtime, load_checkpoint
-
-log = logging.getLogger(__name__)
-
-
-class ScoringError(ValueError):
-    """The job cannot be created; the message says why."""
 
 
 def list_files(folder: Path) -> list[str]:
@@ -109,146 +86,6 @@ def create_scoring_job(
     session.add(job)
     session.flush()
     return job
-
-
-class ModelCache:
-    """Models loaded in this process, keyed by checkpoint file and its modification time."""
-
-    def __init__(self, capacity: int = 2, precision: str = "auto"):
-        self.capacity = capacity
-        self.precision = precision  # auto | fp32 | bf16 (see Runtime.for_scoring)
-        self._models: dict[tuple[str, int], tuple[nn.Module, TrainConfig, Runtime]] = {}
-
-    def get(self, path: Path) -> tuple[nn.Module, TrainConfig, Runtime]:
-        key = (str(path), path.stat().st_mtime_ns)
-        if key not in self._models:
-            checkpoint = load_checkpoint(path)
-            # the checkpoint carries the weights: build the architecture only
-            config = TrainConfig.model_validate(checkpoint["config"] | {"weights": "none"})
-            runtime = Runtime.for_scoring(config, self.precision)
-            model = build_model(config)
-            model.load_state_dict(checkpoint["model"])
-            model.eval().to(runtime.device)
-            if runtime.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            if config.compile:
-                model = torch.compile(model, dynamic=True)  # a shard's last batch is smaller
-            while len(self._models) >= self.capacity:
-                self._models.pop(next(iter(self._models)))
-            self._models[key] = (model, config, runtime)
-        return self._models[key]
-
-
-def _load(folder: Path, rel: str, roots: Sequence[Path], load: Callable[[Path, int, int], object],
-          config: TrainConfig) -> tuple[Path | None, object, str | None]:
-    """`load` applied to a file inside the roots: (path, what it returned, None) or the error."""
-    try:
-        path = ensure_inside(folder / rel, roots)
-        return path, load(path, config.resize, config.eval_crop), None
-    except Exception as error:  # any unreadable file is a row with its error, not a failed shard
-        return None, None, f"{type(error).__name__}: {error}"
-
-
-def _device_batch(batch: list, runtime: Runtime, config: TrainConfig) -> tuple[list, torch.Tensor | None]:
-    """Decode a batch of `_load(read_for_device)` results on the model's device: (rel, ok, error) rows and the images."""
-    readable = [(rel, path, data) for rel, path, data, error in batch if error is None]
-    decoded = decode_on_device([(path, data) for _, path, data in readable], runtime.device,
-                               config.resize, config.eval_crop)
-    errors = {rel: error for (rel, _, _), (_, error) in zip(readable, decoded)}
-    errors |= {rel: error for rel, _, _, error in batch if error is not None}
-    images = [image for image, _ in decoded if image is not None]
-    rows = [(rel, errors.get(rel) is None, errors.get(rel)) for rel, *_ in batch]
-    return rows, (normalize_chw(torch.stack(images)) if images else None)
-
-
-def _cpu_batch(batch: list, runtime: Runtime) -> tuple[list, torch.Tensor | None]:
-    """A batch of `_load(load_for_eval)` results: (rel, ok, error) rows and the normalised images."""
-    pixels = [p for _, _, p, _ in batch if p is not None]
-    rows = [(rel, p is not None, error) for rel, _, p, error in batch]
-    return rows, (runtime.to_device(normalize_batch(pixels)) if pixels else None)
-
-
-def _batches(items: Iterable, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def score_shard(
-    factory: sessionmaker[Session],
-    job_id: int,
-    shard: int,
-    roots: Sequence[Path] = (),
-    cache: ModelCache | None = None,
-    threads: int | None = None,
-    device_decode: bool | None = None,
-) -> int:
-    """Score one shard of a job; returns the number of rows written.
-
-    `device_decode`: decode JPEGs on the model's device; by default on CUDA only (on a
-    CPU, PIL's reduced-scale decoding is the faster path).
-    """
-    cache = cache or ModelCache()
-    with session_scope(factory) as session:
-        job = session.get(ScoringJob, job_id)
-        if job is None:
-            raise LookupError(f"scoring job {job_id} does not exist")
-        if not 0 <= shard < job.n_shards:
-            raise LookupError(f"scoring job {job_id} has no shard {shard}")
-        files, folder, batch_size = job.shards[shard], Path(job.folder), job.batch_size
-        checkpoints = [model_checkpoint(session.get(Run, run_id)) for run_id in job.run_ids or [job.run_id]]
-        if job.status is JobStatus.WAITING:
-            job.status = JobStatus.RUNNING
-    cache.capacity = max(cache.capacity, len(checkpoints))
-    models = [cache.get(checkpoint) for checkpoint in checkpoints]
-    _, config, runtime = models[0]
-    allowed = list(roots) or [folder]
-    rows = []
-    threads = threads or min(8, (os.cpu_count() or 2) * 2)
-    on_device = runtime.device.type == "cuda" if device_decode is None else device_decode
-    with ThreadPoolExecutor(threads) as pool:
-        # reading (and CPU decoding) threads run ahead while the model works on the previous batch
-        load = read_for_device if on_device else load_for_eval  # on the GPU: JPEGs decoded there (nvJPEG)
-        loaded = _batches(pool.map(lambda rel: (rel, *_load(folder, rel, allowed, load, config)), files), batch_size)
-        if on_device:
-            batches = (_device_batch(batch, runtime, config) for batch in loaded)
-        else:
-            batches = (_cpu_batch(batch, runtime) for batch in loaded)
-        for batch_rows, images in batches:
-            p_fake: list[float] = []
-            if images is not None:
-                with torch.inference_mode(), runtime.autocast():
-                    # an ensemble's P(fake) is the mean of its models'
-                    p_fake = torch.stack(
-                        [fake_probability(model(images)) for model, _, _ in models]
-                    ).mean(0).cpu().tolist()
-            scores = iter(p_fake)
-            for rel, ok, error in batch_rows:
-                p = next(scores) if ok else None
-                rows.append(
-                    {"job_id": job_id, "shard": shard, "path": rel, "p_fake": p, "error": error,
-                     "label": None if p is None else ("fake" if p >= 0.5 else "real")}
-                )
-    with session_scope(factory) as session:
-        upsert(session, Prediction, rows, keys=("job_id", "path"))
-        session.execute(update(ScoringJob).where(ScoringJob.id == job_id).values(progress_at=func.now()))
-    # Counted after the commit, in a transaction of its own: when the last shards finish at
-    # once, each sees the others' committed rows, so the last to commit marks the job done.
-    with session_scope(factory) as session:
-        done = rows_written(session, job_id)
-        session.execute(
-            update(ScoringJob)
-            .where(ScoringJob.id == job_id, ScoringJob.n_files <= done, ScoringJob.status != JobStatus.DONE)
-            .values(status=JobStatus.DONE, finished_at=func.now())
-            .execution_options(synchronize_session=False)
-        )
-    log.info("job %d shard %d: %d rows, %d errors", job_id, shard, len(rows), sum(r["error"] is not None for r in rows))
-    return len(rows)
 
 
 def resend_missing_shards(factory: sessionmaker[Session], after_s: float) -> list[tuple[int, int]]:

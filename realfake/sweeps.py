@@ -17,10 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from realfake.config import SplitConfig, TrainConfig
-
-
-class SpecError(ValueError):
-    """The sweep file is wrong; the message names the field."""
+from realfake.errors import SpecError
 
 
 class MetricSpec(BaseModel):

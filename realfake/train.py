@@ -12,7 +12,6 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -21,17 +20,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from realfake.config import TrainConfig
-from realfake.data import (
-    REGIONS,
-    DecodedCache,
-    FaceDataset,
-    Sample,
-    edited_regions,
-    eval_transform,
-    train_transform,
-)
+from realfake.data import DecodedCache, FaceDataset, eval_transform, train_transform
+from realfake.hooks import BestSoFar, FitResult, TrainHooks
 from realfake.metrics import Metrics, compute_metrics
 from realfake.models import build_model, class_logits, fake_probability, head_parameters
+from realfake.samples import REGIONS, Sample, edited_regions
 
 log = logging.getLogger(__name__)
 
@@ -40,34 +33,6 @@ SPLITS = ("train", "val", "test")
 
 class StopRequested(Exception):
     """Raised between batches when the hooks ask training to stop (a cancel)."""
-
-
-class TrainHooks:
-    """Callbacks from `fit`; the defaults do nothing."""
-
-    def should_stop(self) -> bool:
-        """Checked between batches: True stops training at once (cancel)."""
-        return False
-
-    def on_batch(self, split: str, epoch: int, done: int, total: int) -> None:
-        """Progress within an epoch."""
-
-    def on_epoch_end(self, epoch: int, metrics: dict[str, Metrics], best: BestSoFar) -> bool:
-        """Persist an epoch's metrics; return False to stop after this epoch (pruning)."""
-        return True
-
-
-@dataclass(frozen=True)
-class BestSoFar:
-    epoch: int | None = None
-    value: float | None = None
-
-
-@dataclass(frozen=True)
-class FitResult:
-    outcome: Literal["completed", "stopped", "pruned"]
-    epochs_done: int
-    best: BestSoFar
 
 
 @dataclass(frozen=True)

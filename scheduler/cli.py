@@ -30,13 +30,11 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from realfake import errors
 from realfake.config import Settings
-from realfake.data import DatasetError, OutsideDataRoots
-from realfake.evaluation import EvaluationError, evaluate_runs
-from realfake.models import WeightsUnavailable
 from realfake.report import list_runs, render_report, run_detail
-from realfake.runs import RunNotFound, create_sweep, request_cancel
-from realfake.scoring import ScoringError, create_scoring_job, job_progress
+from realfake.runs import create_sweep, request_cancel
+from realfake.scoring import create_scoring_job, job_progress
 from realfake.store import (
     Prediction,
     Run,
@@ -48,16 +46,13 @@ from realfake.store import (
     session_factory,
     session_scope,
 )
-from realfake.sweeps import SpecError, expand, load_spec, variant_label
+from realfake.sweeps import expand, load_spec, variant_label
 from scheduler.local import LocalWorkers
 
 app = typer.Typer(help="Train and serve real-vs-fake face classifiers.", no_args_is_help=True, add_completion=False)
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
-USER_ERRORS = (
-    DatasetError, WeightsUnavailable, RunNotFound, ValidationError, SpecError, ScoringError,
-    OutsideDataRoots, FileNotFoundError, LookupError, EvaluationError,
-)
+USER_ERRORS = (*errors.USER_ERRORS, ValidationError, FileNotFoundError, LookupError)
 PROGRESS_COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 JSON = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 LOCAL = Annotated[bool, typer.Option("--local", help="start worker processes here for the duration")]
@@ -355,6 +350,9 @@ def evaluate(
     as_json: JSON = False,
 ) -> None:
     """Test-split metrics with confidence intervals, per group and on the shortcut-free part."""
+    # loads torch, which only the commands that run models need
+    from realfake.evaluation import evaluate_runs
+
     if threshold != "val":
         try:
             if not 0.0 <= float(threshold) <= 1.0:

@@ -17,11 +17,25 @@ from realfake.synthetic import make_synthetic
 from tests.conftest import REPO
 
 
+# `python -m scheduler.cli ARGS`, which then names on a last line of stderr the heavy
+# libraries the scheduler's own process loaded (its --local workers are other processes).
+TRACED_CLI = """
+import atexit, sys
+atexit.register(lambda: print("loaded:", *sorted({"torch", "torchvision", "sklearn"} & set(sys.modules)), file=sys.stderr))
+from scheduler.cli import main
+main()
+"""
+
+
 def cli(*args, env, cwd, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "scheduler.cli", *map(str, args)],
+    result = subprocess.run(
+        [sys.executable, "-c", TRACED_CLI, *map(str, args)],
         env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
     )
+    head, marker, loaded = result.stderr.rpartition("loaded:")
+    if marker:  # absent if the process was killed
+        result.stderr, result.loaded = head, set(loaded.split())
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +113,7 @@ def test_scoring_a_folder_writes_one_csv_row_per_file(home, finished_sweep, tmp_
                  env=env, cwd=root)
 
     assert result.returncode == 1, result.stderr  # one file could not be scored
+    assert result.loaded == set()  # the models are the workers': the scheduler starts without torch
     summary = json.loads(result.stdout)
     assert (summary["files"], summary["scored"], summary["errors"]) == (9, 8, 1)
     with out.open() as handle:
@@ -116,6 +131,7 @@ def test_scoring_a_folder_writes_one_csv_row_per_file(home, finished_sweep, tmp_
     report = tmp_path / "report.html"
     result = cli("report", str(summary["run_id"]), "--out", report, env=env, cwd=root)
     assert result.returncode == 0, result.stderr
+    assert "torch" in result.loaded  # the report's ROC curve comes from the run's model
     page = report.read_text()
     assert page.count("data:image/png;base64") == 2 and "predicted fake" in page and "ROC" in page
 
@@ -208,7 +224,7 @@ def test_a_bad_sweep_is_rejected_before_anything_is_written(home, tmp_path):
     assert json.loads(cli("runs", "--json", env=env, cwd=tmp_path).stdout) == []  # nothing written
 
     result = cli("sweep", tmp_path / "ok.yaml", "--json", env=env, cwd=tmp_path)  # no worker is running
-    assert result.returncode == 0
+    assert result.returncode == 0 and result.loaded == set()
     assert json.loads(result.stdout) == {"sweep_id": 1, "run_ids": [1, 2]}
     assert "no live worker consumes the 'train' queue" in result.stderr
     runs = json.loads(cli("runs", "--json", env=env, cwd=tmp_path).stdout)
@@ -216,6 +232,9 @@ def test_a_bad_sweep_is_rejected_before_anything_is_written(home, tmp_path):
 
     result = cli("cancel", "--sweep", "1", env=env, cwd=tmp_path)
     assert result.returncode == 0 and "run 1: cancelled" in result.stdout
+    result = cli("show", "1", "--json", env=env, cwd=tmp_path)
+    assert json.loads(result.stdout)["status"] == "cancelled"
+    assert result.loaded == set()  # commands that only read and write SQL start without torch or scikit-learn
     assert cli("show", "99", env=env, cwd=tmp_path).returncode == 2
     assert cli("show", "abc", env=env, cwd=tmp_path).returncode == 2
     assert cli("score", tmp_path / "nowhere", "--model", "1", env=env, cwd=tmp_path).returncode == 2

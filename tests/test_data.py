@@ -9,19 +9,15 @@ from PIL import Image
 
 from realfake.config import SplitConfig, TrainConfig
 from realfake.data import (
-    DatasetError,
     FaceDataset,
-    OutsideDataRoots,
     decode_on_device,
-    discover,
-    ensure_inside,
     eval_transform,
-    group_of,
     load_for_eval,
     read_for_device,
-    stratified_split,
     train_transform,
 )
+from realfake.errors import DatasetError, OutsideDataRoots
+from realfake.samples import discover, ensure_inside, group_of, stratified_split
 from tests.conftest import FACES
 
 
@@ -231,7 +227,7 @@ def test_batched_jpeg_decoding_on_a_device_matches_the_pil_path(tmp_path):
 
 
 def test_edited_regions_come_from_a_fake_file_name():
-    from realfake.data import REGIONS, Sample, edited_regions
+    from realfake.samples import REGIONS, Sample, edited_regions
 
     assert REGIONS == ("left_eye", "right_eye", "nose", "mouth")
     assert edited_regions(Sample("training_fake/mid_12_0110.jpg", 1, "mid")) == (0.0, 1.0, 1.0, 0.0)

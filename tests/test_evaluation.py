@@ -10,16 +10,13 @@ from pydantic import ValidationError
 from torchvision.transforms.v2 import functional as F
 
 from realfake.config import SplitConfig, TrainConfig
-from realfake.data import FaceDataset, discover, eval_transform, samples_from_json
+from realfake.data import FaceDataset, eval_transform
 from realfake.evaluation import EvaluationError, predict, shortcut_free
+from realfake.inference import ModelCache, score_shard
 from realfake.models import fake_probability
 from realfake.runs import create_run, train_run
-from realfake.scoring import (
-    ModelCache,
-    create_scoring_job,
-    model_checkpoint,
-    score_shard,
-)
+from realfake.samples import discover, samples_from_json
+from realfake.scoring import create_scoring_job, model_checkpoint
 from realfake.store import (
     Prediction,
     Run,

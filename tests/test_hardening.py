@@ -18,9 +18,11 @@ import yaml
 from PIL import Image
 
 from realfake.config import SplitConfig, TrainConfig
-from realfake.data import DatasetError, load_rgb
+from realfake.data import load_rgb
+from realfake.errors import DatasetError
+from realfake.inference import ModelCache, score_shard
 from realfake.runs import create_run, create_sweep, train_run
-from realfake.scoring import ModelCache, create_scoring_job, list_files, score_shard
+from realfake.scoring import create_scoring_job, list_files
 from realfake.store import Prediction, Sweep, session_scope
 from realfake.sweeps import parse_spec
 from realfake.synthetic import make_synthetic
@@ -99,7 +101,7 @@ def test_data_roots_confine_scoring(tiny_run, tmp_path):
     make_synthetic(elsewhere, per_class=2, size=16)
     os.symlink(elsewhere / "real" / "real_00000.jpg", allowed / "real" / "link.jpg")
     with session_scope(factory) as session:
-        from realfake.data import OutsideDataRoots
+        from realfake.errors import OutsideDataRoots
 
         with pytest.raises(OutsideDataRoots):
             create_scoring_job(session, run_id, elsewhere, roots=(allowed,))

@@ -119,7 +119,7 @@ def test_out_of_memory_fails_the_run_with_a_clear_message(factory, run_id, tmp_p
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("realfake.runs.fit", out_of_memory)
+    monkeypatch.setattr("realfake.train.fit", out_of_memory)  # train_run imports it when it runs
     assert train_run(factory, run_id, tmp_path) is None  # not raised: the task must not loop on it
     with session_scope(factory) as session:
         run = session.get(Run, run_id)

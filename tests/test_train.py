@@ -187,7 +187,7 @@ def test_without_backbone_lr_one_group_as_older_checkpoints_hold():
 
 @pytest.mark.slow
 def test_a_compiled_model_trains_like_the_eager_one_and_saves_plain_weights(synthetic_data, tmp_path):
-    from realfake.data import discover, stratified_split
+    from realfake.samples import discover, stratified_split
     from realfake.train import fit
 
     # no dropout: compiled code draws its random numbers differently
@@ -223,9 +223,9 @@ class _Remembering(TrainHooks):
 
 @pytest.mark.slow
 def test_averaged_weights_are_validated_kept_and_resumed(synthetic_data, tmp_path):
-    from realfake.data import discover, stratified_split
     from realfake.evaluation import predict
-    from realfake.scoring import ModelCache
+    from realfake.inference import ModelCache
+    from realfake.samples import discover, stratified_split
     from realfake.train import fit
 
     config = TrainConfig(backbone="resnet18", weights="none", resize=32, image_size=32, rotation=0, color_jitter=0,
@@ -284,9 +284,11 @@ def test_region_supervision_learns_which_regions_a_fake_replaced(factory, mobile
     file name gives; P(fake) everywhere else still comes from the two class logits."""
     from sklearn.metrics import roc_auc_score
 
-    from realfake.data import FaceDataset, discover, eval_transform
+    from realfake.data import FaceDataset, eval_transform
     from realfake.evaluation import predict
-    from realfake.scoring import ModelCache, model_checkpoint
+    from realfake.inference import ModelCache
+    from realfake.samples import discover
+    from realfake.scoring import model_checkpoint
 
     data = tmp_path / "regions"
     written = dict(_region_faces(data))

@@ -7,8 +7,8 @@ import os
 from sqlalchemy.orm import Session, sessionmaker
 
 from realfake.config import Settings
+from realfake.inference import ModelCache, score_shard
 from realfake.runs import train_run as train
-from realfake.scoring import ModelCache, score_shard
 from realfake.store import make_engine, session_factory
 from worker.celery import app
 

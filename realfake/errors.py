@@ -1,0 +1,36 @@
+"""The errors a user can cause: each message says what is wrong and what to change.
+
+They live apart from the modules that raise them, and import nothing heavy, so that a
+command line can catch them without loading torch.
+"""
+
+
+class DatasetError(ValueError):
+    """The data folder cannot be used for training; the message says why."""
+
+
+class OutsideDataRoots(PermissionError):
+    """A path resolves to a place outside the folders a job may read."""
+
+
+class SpecError(ValueError):
+    """The sweep file is wrong; the message names the field."""
+
+
+class RunNotFound(LookupError):
+    pass
+
+
+class ScoringError(ValueError):
+    """The job cannot be created; the message says why."""
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights could not be loaded; the message says which file to put where."""
+
+
+USER_ERRORS = (DatasetError, OutsideDataRoots, SpecError, RunNotFound, ScoringError, EvaluationError, WeightsUnavailable)

@@ -1,0 +1,37 @@
+"""What `realfake.train.fit` tells its caller and asks of it, without torch: the run
+bookkeeping (`realfake.runs`) implements the hooks where the scheduler imports it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from realfake.metrics import Metrics
+
+
+class TrainHooks:
+    """Callbacks from `fit`; the defaults do nothing."""
+
+    def should_stop(self) -> bool:
+        """Checked between batches: True stops training at once (cancel)."""
+        return False
+
+    def on_batch(self, split: str, epoch: int, done: int, total: int) -> None:
+        """Progress within an epoch."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Metrics], best: BestSoFar) -> bool:
+        """Persist an epoch's metrics; return False to stop after this epoch (pruning)."""
+        return True
+
+
+@dataclass(frozen=True)
+class BestSoFar:
+    epoch: int | None = None
+    value: float | None = None
+
+
+@dataclass(frozen=True)
+class FitResult:
+    outcome: Literal["completed", "stopped", "pruned"]
+    epochs_done: int
+    best: BestSoFar
