@@ -1,5 +1,5 @@
 """Images as model input: decoding, the training and evaluation transforms, the decoded
-cache and the dataset (which images a dataset holds and its split: `realfake.samples`)."""
+cache and `FaceDataset`. Discovery and the split are in `realfake.samples`."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ class SpecError(ValueError):
 
 
 class RunNotFound(LookupError):
-    pass
+    """No run has that id."""
 
 
 class ScoringError(ValueError):
@@ -26,11 +26,12 @@ class ScoringError(ValueError):
 
 
 class EvaluationError(ValueError):
-    pass
+    """The runs cannot be evaluated as asked (no such run, no test split, mismatched splits)."""
 
 
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights could not be loaded; the message says which file to put where."""
 
 
+# what the command line reports as a message with exit status 2, not a traceback
 USER_ERRORS = (DatasetError, OutsideDataRoots, SpecError, RunNotFound, ScoringError, EvaluationError, WeightsUnavailable)

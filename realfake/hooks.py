@@ -1,5 +1,5 @@
-"""What `realfake.train.fit` tells its caller and asks of it, without torch: the run
-bookkeeping (`realfake.runs`) implements the hooks where the scheduler imports it."""
+"""The callbacks and result types of `realfake.train.fit`, kept out of train.py so that
+`realfake.runs` (its `SqlHooks`), which the scheduler imports, does not load torch."""
 
 from __future__ import annotations
 

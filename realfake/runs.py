@@ -22,7 +22,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from realfake.config import SplitConfig, TrainConfig
-from realfake.errors import RunNotFound
+from realfake.errors import RunNotFound, SpecError
 from realfake.hooks import BestSoFar, FitResult, TrainHooks
 from realfake.metrics import Metrics
 from realfake.pruning import asha_prune_hook
@@ -42,7 +42,7 @@ from realfake.store import (
     session_scope,
     upsert,
 )
-from realfake.sweeps import SpecError, SweepSpec, expand
+from realfake.sweeps import SweepSpec, expand
 
 log = logging.getLogger(__name__)
 

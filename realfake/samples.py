@@ -1,14 +1,13 @@
 """Which images a dataset holds, their labels and groups, and a deterministic stratified split.
 
-Everything here reads folders and file headers only: no torch, so that the scheduler can
-list, split and record a dataset without loading it.
+No torch here: the scheduler discovers, checks (`check_images` decodes each image with
+PIL, at reduced scale) and splits a dataset in its own process.
 """
 
 from __future__ import annotations
 
 import random
 import re
-import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +21,6 @@ from realfake.errors import DatasetError, OutsideDataRoots
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 LABELS = {"real": 0, "fake": 1}  # the positive class is fake
-CLASS_NAMES = ("real", "fake")
-
-# An image over PIL's pixel limit is refused, never decoded (decompression bombs).
-warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 _GROUP_PREFIX = re.compile(r"^([A-Za-z]+)_")
 _REGION_BITS = re.compile(r"_([01]{4})$")
@@ -159,11 +154,11 @@ def check_images(root: Path, samples: Sequence[Sample], threads: int = 8) -> Non
         raise DatasetError(f"{len(bad)} unreadable image(s) in {root}: {shown}")
 
 
-
 def samples_to_json(parts: dict[str, list[Sample]]) -> dict[str, list[list]]:
     """The split as plain JSON (recorded with the run)."""
     return {name: [[s.path, s.label, s.group] for s in part] for name, part in parts.items()}
 
 
 def samples_from_json(data: dict[str, list[list]]) -> dict[str, list[Sample]]:
+    """The split recorded with a run, as Samples again."""
     return {name: [Sample(p, int(l), g) for p, l, g in rows] for name, rows in data.items()}

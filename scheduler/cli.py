@@ -30,8 +30,8 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from realfake import errors
 from realfake.config import Settings
+from realfake.errors import USER_ERRORS as LIBRARY_ERRORS
 from realfake.report import list_runs, render_report, run_detail
 from realfake.runs import create_sweep, request_cancel
 from realfake.scoring import create_scoring_job, job_progress
@@ -52,7 +52,7 @@ from scheduler.local import LocalWorkers
 app = typer.Typer(help="Train and serve real-vs-fake face classifiers.", no_args_is_help=True, add_completion=False)
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
-USER_ERRORS = (*errors.USER_ERRORS, ValidationError, FileNotFoundError, LookupError)
+USER_ERRORS = (*LIBRARY_ERRORS, ValidationError, FileNotFoundError, LookupError)
 PROGRESS_COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 JSON = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 LOCAL = Annotated[bool, typer.Option("--local", help="start worker processes here for the duration")]
@@ -350,9 +350,6 @@ def evaluate(
     as_json: JSON = False,
 ) -> None:
     """Test-split metrics with confidence intervals, per group and on the shortcut-free part."""
-    # loads torch, which only the commands that run models need
-    from realfake.evaluation import evaluate_runs
-
     if threshold != "val":
         try:
             if not 0.0 <= float(threshold) <= 1.0:
@@ -364,6 +361,9 @@ def evaluate(
             runs = _best_runs(session, sweep, top)
         if not runs:
             raise typer.BadParameter("give run ids or --top N", param_hint="RUNS")
+        # torch: only the commands that run models load it
+        from realfake.evaluation import evaluate_runs
+
         result = evaluate_runs(session, runs, tta=tta, threshold=threshold, eval_size=eval_size, crops=crops)
     if as_json:
         return _print_json(result)

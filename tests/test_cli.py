@@ -16,12 +16,15 @@ import yaml
 from realfake.synthetic import make_synthetic
 from tests.conftest import REPO
 
-
-# `python -m scheduler.cli ARGS`, which then names on a last line of stderr the heavy
-# libraries the scheduler's own process loaded (its --local workers are other processes).
-TRACED_CLI = """
+# `realfake-scheduler ARGS` (its entry point, `scheduler.cli:main`), which then names on a
+# last line of stderr the heavy libraries the scheduler's own process loaded (its --local
+# workers are processes of their own). `loaded` stays None if that line is missing.
+LOADED_MARKER = "@@heavy-imports@@"
+TRACED_CLI = f"""
 import atexit, sys
-atexit.register(lambda: print("loaded:", *sorted({"torch", "torchvision", "sklearn"} & set(sys.modules)), file=sys.stderr))
+atexit.register(lambda: print("\\n{LOADED_MARKER}", *sorted({{"torch", "torchvision", "sklearn"}} & set(sys.modules)),
+                              file=sys.stderr))
+sys.argv[0] = "realfake-scheduler"
 from scheduler.cli import main
 main()
 """
@@ -32,8 +35,9 @@ def cli(*args, env, cwd, timeout=600):
         [sys.executable, "-c", TRACED_CLI, *map(str, args)],
         env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
     )
-    head, marker, loaded = result.stderr.rpartition("loaded:")
-    if marker:  # absent if the process was killed
+    result.loaded = None
+    head, marker, loaded = result.stderr.rpartition("\n" + LOADED_MARKER)
+    if marker:
         result.stderr, result.loaded = head, set(loaded.split())
     return result
 
@@ -221,7 +225,8 @@ def test_a_bad_sweep_is_rejected_before_anything_is_written(home, tmp_path):
 
     result = cli("sweep", sweep_file(tmp_path / "ok.yaml", data, [1e-3, 1e-4]), "--dry-run", env=env, cwd=tmp_path)
     assert result.returncode == 0 and "variant 1: lr=0.0001" in result.stdout
-    assert json.loads(cli("runs", "--json", env=env, cwd=tmp_path).stdout) == []  # nothing written
+    result = cli("runs", "--json", env=env, cwd=tmp_path)
+    assert json.loads(result.stdout) == [] and result.loaded == set()  # nothing written; no torch loaded
 
     result = cli("sweep", tmp_path / "ok.yaml", "--json", env=env, cwd=tmp_path)  # no worker is running
     assert result.returncode == 0 and result.loaded == set()
@@ -231,13 +236,16 @@ def test_a_bad_sweep_is_rejected_before_anything_is_written(home, tmp_path):
     assert [r["status"] for r in runs] == ["waiting", "waiting"]
 
     result = cli("cancel", "--sweep", "1", env=env, cwd=tmp_path)
-    assert result.returncode == 0 and "run 1: cancelled" in result.stdout
+    assert result.returncode == 0 and "run 1: cancelled" in result.stdout and result.loaded == set()
     result = cli("show", "1", "--json", env=env, cwd=tmp_path)
     assert json.loads(result.stdout)["status"] == "cancelled"
     assert result.loaded == set()  # commands that only read and write SQL start without torch or scikit-learn
     assert cli("show", "99", env=env, cwd=tmp_path).returncode == 2
     assert cli("show", "abc", env=env, cwd=tmp_path).returncode == 2
-    assert cli("score", tmp_path / "nowhere", "--model", "1", env=env, cwd=tmp_path).returncode == 2
+    result = cli("score", tmp_path / "nowhere", "--model", "1", env=env, cwd=tmp_path)
+    assert result.returncode == 2 and result.loaded == set()
+    result = cli("evaluate", "1", env=env, cwd=tmp_path)  # evaluating runs models: it loads torch
+    assert result.returncode == 2 and "no checkpoint" in result.stderr and "torch" in result.loaded
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ from torchvision.transforms.v2 import functional as F
 
 from realfake.config import SplitConfig, TrainConfig
 from realfake.data import FaceDataset, eval_transform
-from realfake.evaluation import EvaluationError, predict, shortcut_free
+from realfake.errors import EvaluationError
+from realfake.evaluation import predict, shortcut_free
 from realfake.inference import ModelCache, score_shard
 from realfake.models import fake_probability
 from realfake.runs import create_run, train_run

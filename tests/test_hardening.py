@@ -136,7 +136,7 @@ def test_empty_folder_and_missing_folder(tiny_run, tmp_path):
     with session_scope(factory) as session:
         job = create_scoring_job(session, run_id, tmp_path / "empty")
         assert (job.n_files, job.status.value) == (0, "done")
-        from realfake.scoring import ScoringError
+        from realfake.errors import ScoringError
 
         with pytest.raises(ScoringError, match="does not exist"):
             create_scoring_job(session, run_id, tmp_path / "nowhere")

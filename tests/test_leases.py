@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy import update
 
 from realfake.config import SplitConfig, TrainConfig
+from realfake.hooks import BestSoFar
 from realfake.metrics import compute_metrics
 from realfake.runs import (
     Heartbeat,
@@ -19,7 +20,6 @@ from realfake.runs import (
     train_run,
 )
 from realfake.store import Run, RunStatus, session_scope
-from realfake.train import BestSoFar
 
 
 @pytest.fixture

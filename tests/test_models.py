@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from realfake.config import TrainConfig
-from realfake.models import BACKBONES, WeightsUnavailable, build_model
+from realfake.errors import WeightsUnavailable
+from realfake.models import BACKBONES, build_model
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))

@@ -4,8 +4,9 @@ import math
 
 import pytest
 
+from realfake.errors import SpecError
 from realfake.pruning import should_continue
-from realfake.sweeps import EarlyTerminate, SpecError, expand, load_spec, parse_spec
+from realfake.sweeps import EarlyTerminate, expand, load_spec, parse_spec
 
 
 def spec(**overrides):

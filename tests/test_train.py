@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from realfake.config import SplitConfig, TrainConfig
+from realfake.hooks import TrainHooks
 from realfake.models import build_model
 from realfake.runs import SqlHooks, create_run, epoch_rows, train_run
 from realfake.store import Run, RunStatus, session_scope
 from realfake.train import (
-    TrainHooks,
     load_checkpoint,
     make_lr_scheduler,
     make_optimizer,
