@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=REPO / ".realfake" / "bench-accuracy")
     parser.add_argument("--seed-backbone", default="mobilenet_v2", help="backbone for seed.yaml (its ResNet50 needs weights)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "accuracy.json")
+    parser.add_argument("--workers", type=int, default=1, help="local workers, each training one seed at a time (a GPU fits several)")
     args = parser.parse_args()
 
     args.home.mkdir(parents=True, exist_ok=True)
@@ -110,7 +111,7 @@ def main() -> None:
         run_ids = finished_sweep(factory, spec)
         if run_ids is None:
             print(f"training {name}: {len(args.seeds)} runs", flush=True)
-            subprocess.run([sys.executable, "-m", "scheduler.cli", "sweep", str(spec_path), "--local"],
+            subprocess.run([sys.executable, "-m", "scheduler.cli", "sweep", str(spec_path), "--local", "--workers", str(args.workers)],
                            env=env, cwd=REPO, check=True)
             run_ids = finished_sweep(factory, spec)
             if run_ids is None:
@@ -126,7 +127,7 @@ def main() -> None:
         # Trained on crops of a larger image: also judge larger centre crops, up to the whole face
         # (the backbones pool over any size). The square the crops were drawn from (else halfway,
         # rounded to 32 px) and the whole resized image.
-        window = base.get("crop_within") or round((base["image_size"] + base["resize"]) / 64) * 32
+        window = base.get("crop_within") or min(round((base["image_size"] + base["resize"]) / 64) * 32, base["resize"])
         larger = [] if base.get("eval_size") else sorted(
             {size for size in (window, base["resize"]) if size > base["image_size"]})
         for size in larger:

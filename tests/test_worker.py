@@ -56,6 +56,14 @@ def test_a_run_enqueued_through_redis_is_trained_by_a_worker(factory, data, prod
         assert len(epoch_rows(session, run_id)) == 2 * 3
 
 
+def test_a_run_with_loader_processes_trains_in_a_worker_pool_process(factory, data, producer, workers):
+    # the prefork pool's processes are daemonic: the DataLoader's processes must still start
+    run_id = new_run(factory, data, config(epochs=1, num_workers=2))
+    producer.send_task("train_run", args=[run_id], queue="train")
+    run = wait_finished(factory, run_id)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+
+
 def test_the_same_run_delivered_twice_trains_once(factory, data, producer, workers):
     run_id = new_run(factory, data, config(epochs=3))
     producer.send_task("train_run", args=[run_id], queue="train")

@@ -9,12 +9,13 @@ of this decides who trains a run: the lease in SQL does (realfake.runs).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import threading
 import time
 from collections.abc import Iterable
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from kombu import Exchange, Queue
 
 from realfake.config import Settings
@@ -154,3 +155,11 @@ def _start_sweeper(sender=None, **_) -> None:
 def _stop_sweeper(**_) -> None:
     if _sweeper is not None:
         _sweeper.stopped.set()
+
+
+@worker_process_init.connect
+def _allow_loader_processes(**_) -> None:
+    """The prefork pool's processes are daemonic, and a daemonic process may not start any:
+    lift that, so a run's DataLoader can start its loader processes (`num_workers`). Those
+    watch their parent and end with it, also when a killed task's process leaves them behind."""
+    multiprocessing.current_process().daemon = False
