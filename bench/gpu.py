@@ -1,11 +1,13 @@
 """The GPU path against eager fp32, side by side in one run: ResNet50 scoring from JPEG files
 and training steps, images per second.
 
-Scoring: the worker's path on CUDA (file bytes read by threads, batched `decode_jpeg` on the
-GPU, resize and crop there, bf16 autocast, channels_last) against PIL decoding and an fp32
-eager forward. Training: full fine-tuning steps (forward, backward, Adam) on batches already
-on the GPU, eager fp32 against bf16 + channels_last, and with `torch.compile`. ResNet50's
-ImageNet weights are not needed for speed: random initialisation.
+Scoring, decoding and precision apart: PIL's reduced-scale decoding in threads with an fp32
+eager forward; the same decoding with bf16 autocast and channels_last (the worker's path on
+CUDA); and batched nvJPEG `decode_jpeg` on the GPU, resized and cropped there, with bf16
+and channels_last (the worker's `device_decode` option). Training: full fine-tuning steps
+(forward, backward, Adam) on batches already on the GPU, eager fp32 against bf16 +
+channels_last, and with `torch.compile`. ResNet50's ImageNet weights are not needed for
+speed: random initialisation.
 
     python bench/gpu.py                                   # on a GPU machine, ~5 min
     python bench/gpu.py --device cpu --limit 64 --batch 16 --steps 2 --no-compile   # smoke test
@@ -39,25 +41,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def score_rate(paths, model, device, batch: int, fast: bool, passes: int) -> float:
-    """Images per second from files to P(fake) on the host."""
+def score_rate(paths, model, device, batch: int, decode: str, fast: bool, passes: int) -> float:
+    """Images per second from files to P(fake) on the host; `decode` is "pil" or "device"."""
     pool = ThreadPoolExecutor(16)
-    model = model.to(memory_format=torch.channels_last) if fast else model
+    model = model.to(memory_format=torch.channels_last if fast else torch.contiguous_format)
 
     def one_pass() -> int:
         done = 0
         for start in range(0, len(paths), batch):
             chunk = paths[start:start + batch]
-            if fast:
+            if decode == "device":
                 items = list(pool.map(lambda p: (p, read_for_device(p, 256, 224)), chunk))
                 images = normalize_chw(torch.stack([im for im, _ in decode_on_device(items, device, 256, 224)]))
-                images = images.contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
-                    p = torch.softmax(model(images).float(), 1)[:, 1].cpu()
             else:
-                pixels = list(pool.map(lambda p: load_for_eval(p, 256, 224), chunk))
-                with torch.inference_mode():
-                    p = torch.softmax(model(normalize_batch(pixels).to(device)), 1)[:, 1].cpu()
+                images = normalize_batch(list(pool.map(lambda p: load_for_eval(p, 256, 224), chunk))).to(device)
+            if fast:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+                p = torch.softmax(model(images).float(), 1)[:, 1].cpu()
             done += len(p)
         return done
 
@@ -115,10 +116,12 @@ def main() -> None:
     print(f"device {name}, torch {torch.__version__}, {len(paths)} JPEG files from {args.data}, batch {args.batch}")
 
     model = build_model(TrainConfig(backbone="resnet50", weights="none")).to(device).eval()
-    eager = score_rate(paths, model, device, args.batch, fast=False, passes=args.passes)
-    fast = score_rate(paths, model, device, args.batch, fast=True, passes=args.passes)
-    print(f"scoring, PIL decode + fp32 eager:            {eager:8.0f} img/s")
-    print(f"scoring, GPU decode + bf16 + channels_last:  {fast:8.0f} img/s   ({fast / eager:.2f}x; goal >= 5000 img/s)")
+    scoring = {"PIL decode + fp32 eager": ("pil", False), "PIL decode + bf16 + channels_last": ("pil", True),
+               "GPU decode + bf16 + channels_last": ("device", True)}
+    rates = {label: score_rate(paths, model, device, args.batch, decode, fast, args.passes)
+             for label, (decode, fast) in scoring.items()}
+    for label, rate in rates.items():
+        print(f"scoring, {label:34s} {rate:8.0f} img/s   ({rate / rates['PIL decode + fp32 eager']:.2f}x; goal >= 5000 img/s)")
 
     modes = ["fp32 eager", "bf16 + channels_last"] + ([] if args.no_compile else ["bf16 + compile"])
     rates = {mode: train_rate(device, args.batch // 2, args.steps, mode) for mode in modes}
