@@ -2,7 +2,8 @@
 
 Three figures, measured in one run with the same torch threads:
   forward-only  the scoring model on already-decoded tensors (bf16 autocast + channels_last
-                where the CPU has native bf16, as the workers run it)
+                where the CPU has native bf16, BatchNorms folded, as the workers run it),
+                also with the BatchNorms left unfolded, side by side
   naive loop    PIL open, torchvision Resize(256)+CenterCrop(224)+ToTensor+Normalize,
                 batch 32, DataLoader without workers, fp32
   end to end    realfake's scoring job: folder -> broker -> a warm worker -> rows in SQL
@@ -98,21 +99,25 @@ def main() -> None:
         n = len(paths)
         threads = torch.get_num_threads()
 
-        # forward-only on decoded tensors, the workers' precision and memory format
-        model, cfg, runtime = ModelCache().get(checkpoint)
+        # forward-only on decoded tensors, the workers' precision and memory format, with the
+        # BatchNorms folded (as the workers serve it) and not, taking turns
+        models = {fold: ModelCache(fold=fold).get(checkpoint) for fold in (True, False)}
+        _, cfg, runtime = models[True]
         batch = runtime.to_device(normalize_batch([load_for_eval(p, cfg.resize, cfg.image_size)
                                                    for p in paths[: args.batch_size]]))
+        times = {True: [], False: []}
         with torch.inference_mode(), runtime.autocast():
-            model(batch)
-            times = []
-            for _ in range(5):
-                started = time.perf_counter()
+            for fold, (model, _, _) in models.items():
                 model(batch)
-                times.append(time.perf_counter() - started)
-        forward = args.batch_size / statistics.median(times)
+            for _ in range(5):
+                for fold, (model, _, _) in models.items():
+                    started = time.perf_counter()
+                    model(batch)
+                    times[fold].append(time.perf_counter() - started)
+        forward, unfolded = (args.batch_size / statistics.median(times[fold]) for fold in (True, False))
 
-        # the naive loop, fp32
-        fp32_model, _, _ = ModelCache(precision="fp32").get(checkpoint)
+        # the naive loop, fp32, the model as trained
+        fp32_model, _, _ = ModelCache(precision="fp32", fold=False).get(checkpoint)
         fp32_model = fp32_model.to(memory_format=torch.contiguous_format)
         started = time.perf_counter()
         with torch.inference_mode():
@@ -160,6 +165,7 @@ def main() -> None:
     print(f"{n} JPEGs of {args.data} (600x600), mobilenet_v2, batch {args.batch_size}, torch threads {threads}, "
           f"scoring precision {'bf16' if runtime.autocast_dtype else 'fp32'}, channels_last")
     print(f"forward-only (decoded tensors): {forward:7.1f} img/s")
+    print(f"  BatchNorm not folded:         {unfolded:7.1f} img/s   (folded / not: {forward / unfolded:.2f})")
     print(f"naive loop (fp32, no workers):  {naive:7.1f} img/s")
     print(f"end to end (score job, worker): {end_to_end:7.1f} img/s")
     print(f"end to end / forward-only:      {end_to_end / forward:7.2f}   (goal >= 0.85)")

@@ -26,7 +26,7 @@ from realfake.data import (
     normalize_chw,
     read_for_device,
 )
-from realfake.models import build_model, fake_probability
+from realfake.models import build_model, fake_probability, fold_batchnorm
 from realfake.samples import ensure_inside
 from realfake.scoring import model_checkpoint, rows_written
 from realfake.store import (
@@ -45,9 +45,10 @@ log = logging.getLogger(__name__)
 class ModelCache:
     """Models loaded in this process, keyed by checkpoint file and its modification time."""
 
-    def __init__(self, capacity: int = 2, precision: str = "auto"):
+    def __init__(self, capacity: int = 2, precision: str = "auto", fold: bool = True):
         self.capacity = capacity
         self.precision = precision  # auto | fp32 | bf16 (see Runtime.for_scoring)
+        self.fold = fold  # BatchNorms folded into their convolutions (models.fold_batchnorm)
         self._models: dict[tuple[str, int], tuple[nn.Module, TrainConfig, Runtime]] = {}
 
     def get(self, path: Path) -> tuple[nn.Module, TrainConfig, Runtime]:
@@ -59,7 +60,7 @@ class ModelCache:
             runtime = Runtime.for_scoring(config, self.precision)
             model = build_model(config)
             model.load_state_dict(checkpoint["model"])
-            model.eval().to(runtime.device)
+            model = (fold_batchnorm(model) if self.fold else model.eval()).to(runtime.device)
             if runtime.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             if config.compile:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 from torch.hub import get_dir
 from torchvision import models as tvm
 
@@ -137,6 +138,17 @@ def build_model(config: TrainConfig) -> nn.Module:
     for stage in stages[: config.freeze]:
         stage.requires_grad_(False)
     return model
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An inference copy of `model` with each BatchNorm folded into the convolution before it.
+
+    The same outputs to float rounding (bf16 autocast rounds the folded weights instead),
+    for fewer passes over the activations: on 2 CPU cores MobileNetV2's forward pass ran
+    1.6-1.8x as fast in fp32 and 1.3x in bf16 (bench/score_speed.py). torch.fx traces
+    every backbone here.
+    """
+    return fuse(model.eval())
 
 
 def head_parameters(model: nn.Module, backbone: str) -> list[nn.Parameter]:

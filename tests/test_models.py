@@ -7,7 +7,7 @@ from torch import nn
 
 from realfake.config import TrainConfig
 from realfake.errors import WeightsUnavailable
-from realfake.models import BACKBONES, build_model
+from realfake.models import BACKBONES, build_model, fold_batchnorm
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
@@ -18,6 +18,51 @@ def test_every_backbone_builds_and_runs_a_forward_pass(backbone):
         logits = model(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 2)
     assert torch.isfinite(logits).all()
+
+
+def _as_if_trained(model: nn.Module) -> nn.Module:
+    """BatchNorm statistics and affine parameters away from their initial 0 and 1, so that
+    folding them changes the convolutions' weights."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_folding_batchnorm_keeps_every_backbones_outputs(backbone):
+    torch.manual_seed(0)
+    model = _as_if_trained(build_model(TrainConfig(backbone=backbone, weights="none")))
+    batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # none in ConvNeXt (LayerNorm)
+    folded = fold_batchnorm(model)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(folded(images), model.eval()(images), rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == batchnorms  # folded a copy
+
+
+def test_scoring_models_come_folded_unless_asked_otherwise(tmp_path):
+    from realfake.inference import ModelCache
+    from realfake.train import save_atomic
+
+    torch.manual_seed(0)
+    config = TrainConfig(backbone="mobilenet_v2", weights="none", resize=64, image_size=64)
+    model = _as_if_trained(build_model(config)).eval()
+    save_atomic({"config": config.model_dump(), "model": model.state_dict()}, tmp_path / "best.pt")
+    images = torch.randn(2, 3, 64, 64)
+    outputs = {}
+    for fold in (True, False):
+        served, _, _ = ModelCache(precision="fp32", fold=fold).get(tmp_path / "best.pt")
+        assert any(isinstance(m, nn.BatchNorm2d) for m in served.modules()) is not fold
+        with torch.inference_mode():
+            outputs[fold] = served(images)
+    with torch.inference_mode():
+        assert torch.allclose(outputs[True], model(images), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(outputs[True], outputs[False], rtol=1e-4, atol=1e-5)
 
 
 def _head(model: nn.Module) -> nn.Sequential:
