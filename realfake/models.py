@@ -145,7 +145,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     The same outputs to float rounding (bf16 autocast rounds the folded weights instead),
     for fewer passes over the activations: on 2 CPU cores MobileNetV2's forward pass ran
-    1.6-1.8x as fast in fp32 and 1.3x in bf16 (bench/score_speed.py). torch.fx traces
+    1.6-1.8x as fast in fp32 and 1.2-1.4x in bf16 (bench/RESULTS.md). torch.fx traces
     every backbone here.
     """
     return fuse(model.eval())
