@@ -82,7 +82,7 @@ def native_bf16(device: torch.device) -> bool:
 def cpu_has_bf16() -> bool:
     """Whether oneDNN computes bf16 on this CPU: natively with AVX-512 BF16 or AMX, where
     autocast pays off. It also answers yes on AVX-512 CPUs without them, where a training
-    step cost the same in bf16 and fp32 (bench/train_step.py: 8.4 s against 8.7 s)."""
+    step was still no slower in bf16 (bench/train_step.py: 7.5-8.4 s against 8.6-8.7 s)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
