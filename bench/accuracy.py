@@ -12,6 +12,7 @@ so the evaluation can be re-run without training again.
     make accuracy                                 # both recipes, seeds 0 1 2 (about 2 h on 2 CPU cores)
     python bench/accuracy.py                      # the same, where TORCH_HOME holds the ImageNet weights
     python bench/accuracy.py --recipes examples/best.yaml --seeds 0
+    python bench/accuracy.py --recipes examples/best.yaml examples/best-20ep.yaml --quick-eval --ensemble-all
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ def main() -> None:
     parser.add_argument("--seed-backbone", default="mobilenet_v2", help="backbone for seed.yaml (its ResNet50 needs weights)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "accuracy.json")
     parser.add_argument("--workers", type=int, default=1, help="local workers, each training one seed at a time (a GPU fits several)")
+    parser.add_argument("--quick-eval", action="store_true",
+                        help="only the cut-offs, flip TTA and the seeds' ensemble: no larger or five crops (a fifth of the inference)")
+    parser.add_argument("--ensemble-all", action="store_true",
+                        help="also average every run of every recipe (same split), with flip TTA")
     args = parser.parse_args()
 
     args.home.mkdir(parents=True, exist_ok=True)
@@ -103,7 +108,8 @@ def main() -> None:
     migrate(engine)
     factory = session_factory(engine)
 
-    results, cache = {}, ModelCache()
+    results, cache, memo = {}, ModelCache(), {}  # each run predicted once per view
+    every_run: list[int] = []
     for recipe in args.recipes:
         backbone = args.seed_backbone if recipe.stem == "seed" else None
         spec, spec_path = seeds_sweep(recipe, args.seeds, args.home, backbone)
@@ -128,13 +134,13 @@ def main() -> None:
         # (the backbones pool over any size). The square the crops were drawn from (else halfway,
         # rounded to 32 px) and the whole resized image.
         window = base.get("crop_within") or min(round((base["image_size"] + base["resize"]) / 64) * 32, base["resize"])
-        larger = [] if base.get("eval_size") else sorted(
+        larger = [] if base.get("eval_size") or args.quick_eval else sorted(
             {size for size in (window, base["resize"]) if size > base["image_size"]})
         for size in larger:
             variants[f"centre crop {size} px, cut-off on val"] = dict(tta=False, threshold="val", eval_size=size)
         if larger:  # the mean over five training-size crops of that square, each mirrored too
             variants["five crops + TTA, cut-off on val"] = dict(tta=True, threshold="val", crops=True)
-        per_recipe, memo = {}, {}  # each run predicted once per view
+        per_recipe = {}
         with session_scope(factory) as session:
             for label, options in variants.items():
                 per_recipe[label] = [evaluate_runs(session, [run_id], cache=cache, memo=memo, **options)
@@ -151,6 +157,13 @@ def main() -> None:
                     evaluate_runs(session, run_ids, tta=True, cache=cache, memo=memo, crops=True)
                 ]
         results[recipe.stem] = per_recipe
+        every_run += run_ids
+
+    if args.ensemble_all and len(args.recipes) > 1:
+        with session_scope(factory) as session:
+            results["+".join(recipe.stem for recipe in args.recipes)] = {
+                "ensemble of every recipe's seeds, val + TTA": [
+                    evaluate_runs(session, every_run, tta=True, cache=cache, memo=memo)]}
 
     groups = sorted({g for r in results.values() for v in r.values() for e in v for g in e["test"]["groups"]})
     header = ["recipe", "evaluation", "n", "val ROC-AUC", "test acc", "test ROC-AUC", "test F1", "shortcut-free acc", *groups]
