@@ -1,9 +1,10 @@
 """The GPU path against eager fp32, side by side in one run: ResNet50 scoring from JPEG files
 and training steps, images per second.
 
-Scoring, decoding and precision apart: PIL's reduced-scale decoding in threads with an fp32
-eager forward; the same decoding with bf16 autocast and channels_last (the worker's path on
-CUDA); and batched nvJPEG `decode_jpeg` on the GPU, resized and cropped there, with bf16
+Scoring, decoding and precision apart: PIL's reduced-scale decoding in threads, normalised on
+the host, with an fp32 eager forward; the same with bf16 autocast and channels_last; the same
+with the uint8 pixels sent to the GPU and normalised there (the worker's path on CUDA); and
+batched nvJPEG `decode_jpeg` on the GPU, resized and cropped there, with bf16
 and channels_last (the worker's `device_decode` option). Training: full fine-tuning steps
 (forward, backward, Adam) on batches already on the GPU, eager fp32 against bf16 +
 channels_last, and with `torch.compile`. ResNet50's ImageNet weights are not needed for
@@ -42,7 +43,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def score_rate(paths, model, device, batch: int, decode: str, fast: bool, passes: int) -> float:
-    """Images per second from files to P(fake) on the host; `decode` is "pil" or "device"."""
+    """Images per second from files to P(fake) on the host. `decode`: "pil-host" (PIL, normalised
+    on the host), "pil" (PIL, uint8 to the device, normalised there) or "device" (nvJPEG)."""
     pool = ThreadPoolExecutor(16)
     model = model.to(memory_format=torch.channels_last if fast else torch.contiguous_format)
 
@@ -54,7 +56,8 @@ def score_rate(paths, model, device, batch: int, decode: str, fast: bool, passes
                 items = list(pool.map(lambda p: (p, read_for_device(p, 256, 224)), chunk))
                 images = normalize_chw(torch.stack([im for im, _ in decode_on_device(items, device, 256, 224)]))
             else:
-                images = normalize_batch(list(pool.map(lambda p: load_for_eval(p, 256, 224), chunk))).to(device)
+                pixels = list(pool.map(lambda p: load_for_eval(p, 256, 224), chunk))
+                images = normalize_batch(pixels).to(device) if decode == "pil-host" else normalize_batch(pixels, device)
             if fast:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
@@ -116,8 +119,8 @@ def main() -> None:
     print(f"device {name}, torch {torch.__version__}, {len(paths)} JPEG files from {args.data}, batch {args.batch}")
 
     model = build_model(TrainConfig(backbone="resnet50", weights="none")).to(device).eval()
-    scoring = {"PIL decode + fp32 eager": ("pil", False), "PIL decode + bf16 + channels_last": ("pil", True),
-               "GPU decode + bf16 + channels_last": ("device", True)}
+    scoring = {"PIL decode + fp32 eager": ("pil-host", False), "PIL decode + bf16 + channels_last": ("pil-host", True),
+               "the same, normalised on the GPU": ("pil", True), "GPU decode + bf16 + channels_last": ("device", True)}
     rates = {label: score_rate(paths, model, device, args.batch, decode, fast, args.passes)
              for label, (decode, fast) in scoring.items()}
     for label, rate in rates.items():

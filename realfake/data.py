@@ -103,10 +103,12 @@ _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
 _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
 
 
-def normalize_batch(images: Sequence[np.ndarray]) -> torch.Tensor:
-    """HWC uint8 arrays to one normalised NCHW float batch, channels-last in memory."""
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-    return (batch - _MEAN) / _STD
+def normalize_batch(images: Sequence[np.ndarray], device: torch.device | None = None) -> torch.Tensor:
+    """HWC uint8 arrays to one normalised NCHW float batch, channels-last in memory, on
+    `device` (default: the CPU). The uint8 pixels cross to the device, a quarter of float32's
+    bytes, and are normalised there, which leaves the host's cores to decoding."""
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    return normalize_chw(batch if device is None else batch.to(device))
 
 
 def normalize_chw(batch: torch.Tensor) -> torch.Tensor:

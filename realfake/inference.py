@@ -97,7 +97,7 @@ def _cpu_batch(batch: list, runtime: Runtime) -> tuple[list, torch.Tensor | None
     """A batch of `_load(load_for_eval)` results: (rel, ok, error) rows and the normalised images."""
     pixels = [p for _, _, p, _ in batch if p is not None]
     rows = [(rel, p is not None, error) for rel, _, p, error in batch]
-    return rows, (runtime.to_device(normalize_batch(pixels)) if pixels else None)
+    return rows, (runtime.to_device(normalize_batch(pixels, runtime.device)) if pixels else None)
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:

@@ -13,6 +13,7 @@ from realfake.data import (
     decode_on_device,
     eval_transform,
     load_for_eval,
+    normalize_batch,
     read_for_device,
     train_transform,
 )
@@ -224,6 +225,25 @@ def test_batched_jpeg_decoding_on_a_device_matches_the_pil_path(tmp_path):
         expected = torch.tensor(load_for_eval(path, 72, 64)).permute(2, 0, 1).float()
         assert (image.float() - expected).abs().mean() < 4, path.name  # resize kernels differ slightly
     assert (decoded[0][0].float() - decoded[1][0].float()).abs().mean() > 20  # the rotation was applied
+
+
+def test_a_scoring_batch_is_normalised_as_the_eval_transform_normalises_on_the_models_device():
+    """Scoring sends uint8 pixels to the model's device and normalises them there: the batch
+    must hold what torchvision's ToDtype + Normalize give each image, channels-last."""
+    from torchvision.transforms import v2
+
+    from realfake.data import IMAGENET_MEAN, IMAGENET_STD
+
+    rng = np.random.default_rng(0)
+    pixels = [(rng.random((40, 40, 3)) * 255).astype(np.uint8) for _ in range(3)]
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    expected = torch.stack([reference(torch.from_numpy(p).permute(2, 0, 1)) for p in pixels])
+
+    for device in (None, torch.device("cpu")):
+        batch = normalize_batch(pixels, device)
+        assert batch.dtype == torch.float32 and batch.shape == (3, 3, 40, 40)
+        assert batch.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(batch, expected, rtol=0, atol=1e-5)
 
 
 def test_edited_regions_come_from_a_fake_file_name():
