@@ -120,7 +120,7 @@ def main() -> None:
 
     model = build_model(TrainConfig(backbone="resnet50", weights="none")).to(device).eval()
     scoring = {"PIL decode + fp32 eager": ("pil-host", False), "PIL decode + bf16 + channels_last": ("pil-host", True),
-               "the same, normalised on the GPU": ("pil", True), "GPU decode + bf16 + channels_last": ("device", True)}
+               "the same, normalised on the device": ("pil", True), "GPU decode + bf16 + channels_last": ("device", True)}
     rates = {label: score_rate(paths, model, device, args.batch, decode, fast, args.passes)
              for label, (decode, fast) in scoring.items()}
     for label, rate in rates.items():
