@@ -107,7 +107,7 @@ def main() -> None:
                                                    for p in paths[: args.batch_size]]))
         times = {True: [], False: []}
         with torch.inference_mode(), runtime.autocast():
-            for fold, (model, _, _) in models.items():
+            for model, _, _ in models.values():  # warm-up
                 model(batch)
             for _ in range(5):
                 for fold, (model, _, _) in models.items():
