@@ -7,6 +7,7 @@ take turns, so drift of a shared machine hits all alike; the first step of each 
 
     python bench/train_step.py                          # batch 32 of 384-px crops, 3 rounds
     python bench/train_step.py --size 224 --rounds 5
+    python bench/train_step.py --freeze 0 4             # also with the first 4 stages frozen
 """
 
 from __future__ import annotations
@@ -33,16 +34,21 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--freeze", type=int, nargs="+", default=[0],
+                        help="numbers of leading backbone stages kept frozen, each timed in every mode")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.size, args.size)
     targets = torch.randint(0, 2, (args.batch_size,))
     setups = {}
-    for name, (memory_format, dtype) in MODES.items():
-        model = build_model(TrainConfig(backbone="mobilenet_v2", weights="none")).to(memory_format=memory_format)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        setups[name] = (model, optimizer, images.contiguous(memory_format=memory_format), dtype)
+    for freeze in args.freeze:
+        for mode, (memory_format, dtype) in MODES.items():
+            config = TrainConfig(backbone="mobilenet_v2", weights="none", freeze=freeze)
+            model = build_model(config).to(memory_format=memory_format)
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            name = mode if freeze == 0 else f"{mode}, freeze {freeze}"
+            setups[name] = (model, optimizer, images.contiguous(memory_format=memory_format), dtype)
 
     def step(name: str) -> float:
         model, optimizer, batch, dtype = setups[name]
@@ -54,9 +60,9 @@ def main() -> None:
         optimizer.step()
         return time.perf_counter() - started
 
-    times = {name: [] for name in MODES}
+    times = {name: [] for name in setups}
     for round_ in range(args.rounds + 1):
-        for name in MODES:
+        for name in setups:
             seconds = step(name)
             if round_:  # the first round warms each mode up
                 times[name].append(seconds)
@@ -64,10 +70,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {'yes' if cpu_has_bf16() else 'no'}")
     print(f"MobileNetV2 + seed head, batch {args.batch_size} of {args.size} px, median of {args.rounds} steps")
-    base = statistics.median(times["fp32"])
+    base = statistics.median(times[next(iter(times))])
     for name, seconds in times.items():
         median = statistics.median(seconds)
-        print(f"  {name:22s} {median:6.2f} s/step   {base / median:5.2f}x fp32")
+        print(f"  {name:32s} {median:6.2f} s/step   {base / median:5.2f}x {next(iter(times))}")
 
 
 if __name__ == "__main__":
