@@ -50,6 +50,11 @@ class TrainConfig(BaseModel):
         None, description="re-encode training images at a random JPEG quality in this range"
     )
     jpeg_p: float = Field(0.5, ge=0.0, le=1.0)
+    splice_p: float = Field(
+        0.0, ge=0.0, le=1.0, description="each fake training image is, with this probability, replaced by "
+        "a synthetic fake: a real training face with its eyes, nose or mouth pasted back from a moved, "
+        "recoloured copy of itself, after the way the dataset's fakes were made (for aligned faces); 0 = off"
+    )
 
     # optimisation
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
@@ -103,6 +108,9 @@ class TrainConfig(BaseModel):
         if self.crop_within is not None and not self.image_size <= self.crop_within <= self.resize:
             raise ValueError(f"crop_within {self.crop_within} must lie between image_size "
                              f"{self.image_size} and resize {self.resize}")
+        if self.splice_p > 0 and self.region_weight > 0:
+            raise ValueError("splice_p and region_weight exclude each other: a synthetic fake's "
+                             "file name does not say which regions were pasted")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise ValueError("warmup_epochs must be smaller than epochs")
         return self

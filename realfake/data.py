@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from realfake.config import TrainConfig
 from realfake.samples import Sample
@@ -61,6 +63,63 @@ def eval_transform(config: TrainConfig, resized: bool = False) -> v2.Compose:
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ]
     return v2.Compose(steps)
+
+
+# Where an aligned face's parts are, as fractions of its square (x, y) and the radii of an
+# ellipse around each: read off the mean of the dataset's real faces (600 px).
+FACE_PARTS = {
+    "left_eye": ((0.36, 0.49), (0.10, 0.06)),
+    "right_eye": ((0.63, 0.49), (0.10, 0.06)),
+    "nose": ((0.50, 0.62), (0.08, 0.10)),
+    "mouth": ((0.50, 0.79), (0.13, 0.07)),
+}
+
+
+def splice_parts(face: torch.Tensor) -> torch.Tensor:
+    """A synthetic fake of a real, aligned face (CHW uint8), after the way the dataset's fakes
+    were made: a random non-empty set of its eyes, nose and mouth replaced under feathered
+    ellipses by the same parts of a copy of itself that was moved, scaled, recoloured and
+    sometimes resampled a little. Pasting the face into itself (self-blending, Shiohara and
+    Yamasaki 2022) keeps each part where it belongs, so what is left for the model to find is
+    what pasting leaves: a seam, a colour step, a change of sharpness. Random draws come
+    from torch's generator."""
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * torch.rand(()).item()
+
+    height, width = face.shape[-2:]
+    donor = face
+    if torch.rand(()).item() < 0.5:  # a sharpness step: down and up again
+        factor = uniform(0.5, 0.9)
+        donor = F.resize(F.resize(donor, [round(height * factor), round(width * factor)], antialias=True),
+                         [height, width], antialias=True)
+    donor = F.affine(donor.float(), angle=uniform(-3, 3), translate=[uniform(-0.01, 0.01) * width,
+                     uniform(-0.01, 0.01) * height], scale=uniform(0.95, 1.05), shear=[0.0],
+                     interpolation=v2.InterpolationMode.BILINEAR)
+    gain = torch.empty(3, 1, 1).uniform_(0.9, 1.1)
+    donor = donor * gain + torch.empty(3, 1, 1).uniform_(-10, 10)
+
+    chosen = torch.rand(len(FACE_PARTS)) < 0.5
+    if not chosen.any():
+        chosen[torch.randint(len(FACE_PARTS), ())] = True
+    # The mask is drawn and feathered at a quarter of the size (blurring is the costly part;
+    # the feathered mask is smooth), then scaled up.
+    small_h, small_w = max(1, height // 4), max(1, width // 4)
+    ys = torch.arange(small_h, dtype=torch.float32).view(-1, 1) + 0.5
+    xs = torch.arange(small_w, dtype=torch.float32).view(1, -1) + 0.5
+    mask = torch.zeros(small_h, small_w)
+    for take, ((cx, cy), (rx, ry)) in zip(chosen.tolist(), FACE_PARTS.values()):
+        if take:
+            cx, cy = (cx + uniform(-0.02, 0.02)) * small_w, (cy + uniform(-0.02, 0.02)) * small_h
+            rx, ry = rx * uniform(0.8, 1.25) * small_w, ry * uniform(0.8, 1.25) * small_h
+            mask = torch.maximum(mask, (((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1).float())
+    sigma = max(0.5, uniform(0.004, 0.02) * small_w)  # how soft the seam is: 2-12 px at 600
+    kernel = 2 * math.ceil(3 * sigma) + 1
+    if kernel < min(small_h, small_w):  # tiny images stay sharp-edged
+        mask = F.gaussian_blur(mask[None], [kernel, kernel], [sigma, sigma])[0]
+    mask = F.resize(mask[None], [height, width])
+    blended = face.float() * (1 - mask) + donor * mask
+    return blended.round().clamp(0, 255).to(torch.uint8)
 
 
 def load_rgb(path: Path, draft: int | None = None) -> Image.Image:
@@ -207,20 +266,35 @@ class DecodedCache:
 
 
 class FaceDataset(Dataset):
-    """Labelled images of one split; items are (tensor, label, index)."""
+    """Labelled images of one split; items are (tensor, label, index).
+
+    `splice_p`: each fake item is, with this probability, replaced by a synthetic fake made
+    from a random real face of the split (`splice_parts`); its label stays fake. For
+    training on aligned faces.
+    """
 
     def __init__(
-        self, root: Path | str, samples: Sequence[Sample], transform: v2.Compose, cache: DecodedCache | None = None
+        self, root: Path | str, samples: Sequence[Sample], transform: v2.Compose, cache: DecodedCache | None = None,
+        splice_p: float = 0.0,
     ):
         self.root = Path(root)
         self.samples = list(samples)
         self.transform = transform  # takes resized tensors when `cache` is given
         self.cache = cache
+        self.splice_p = splice_p
+        self.reals = [i for i, s in enumerate(self.samples) if s.label == 0]
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _load(self, index: int) -> torch.Tensor | Image.Image:
+        return self.cache.load(index) if self.cache else load_rgb(self.root / self.samples[index].path)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         sample = self.samples[index]
-        image = self.cache.load(index) if self.cache else load_rgb(self.root / sample.path)
+        if sample.label == 1 and self.reals and self.splice_p and torch.rand(()).item() < self.splice_p:
+            face = self._load(self.reals[torch.randint(len(self.reals), ()).item()])
+            image = splice_parts(face if isinstance(face, torch.Tensor) else F.pil_to_tensor(face))
+        else:
+            image = self._load(index)
         return self.transform(image), sample.label, index

@@ -311,7 +311,8 @@ def fit(
         if config.decode_cache and cache_dir is not None and split[name]:
             cache = DecodedCache(Path(cache_dir), root, split[name], config).ensure()
         transform = train_transform if name == "train" else eval_transform
-        datasets[name] = FaceDataset(root, split[name], transform(config, resized=cache is not None), cache)
+        datasets[name] = FaceDataset(root, split[name], transform(config, resized=cache is not None), cache,
+                                     splice_p=config.splice_p if name == "train" else 0.0)
     regions = region_targets(datasets["train"].samples) if config.region_weight > 0 else None
     config_json = config.model_dump(mode="json")
     epoch = start_epoch - 1

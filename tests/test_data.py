@@ -254,3 +254,56 @@ def test_edited_regions_come_from_a_fake_file_name():
     assert edited_regions(Sample("training_real/real_00012.jpg", 0, "real")) == (0.0, 0.0, 0.0, 0.0)
     assert edited_regions(Sample("fake/easy_00012.jpg", 1, "easy")) is None  # the name does not say
     assert edited_regions(Sample("fake/hard_1_0120.jpg", 1, "hard")) is None
+
+
+def test_a_spliced_face_changes_only_around_its_eyes_nose_and_mouth():
+    from realfake.data import splice_parts
+
+    face = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 120, 100), np.uint8))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        fake = splice_parts(face)
+        assert fake.shape == face.shape and fake.dtype == torch.uint8
+        changed = (fake != face).any(dim=0)
+        assert changed.float().mean() > 0.01  # at least one part was pasted
+        # above the eyes, and at the sides of the face, nothing moves
+        assert not changed[: int(0.25 * 120)].any()
+        assert not changed[:, : int(0.1 * 100)].any() and not changed[:, int(0.9 * 100):].any()
+    torch.manual_seed(7)
+    first = splice_parts(face)
+    torch.manual_seed(7)
+    assert torch.equal(splice_parts(face), first)  # torch's generator decides, so a seeded run repeats
+
+
+def test_splice_p_replaces_fake_items_by_pasted_real_faces_labelled_fake(synthetic_data, tmp_path):
+    from realfake.data import DecodedCache
+
+    config = TrainConfig(resize=64, image_size=64)
+    samples = discover(synthetic_data)[::10]
+    real_images = [eval_transform(config)(Image.open(synthetic_data / s.path).convert("RGB"))
+                   for s in samples if s.label == 0]
+    cache = DecodedCache(tmp_path, synthetic_data, samples, config).ensure()
+    for dataset in (FaceDataset(synthetic_data, samples, eval_transform(config), splice_p=1.0),
+                    FaceDataset(synthetic_data, samples, eval_transform(config, resized=True), cache, splice_p=1.0)):
+        torch.manual_seed(0)
+        for index, sample in enumerate(samples):
+            image, label, _ = dataset[index]
+            own = eval_transform(config)(Image.open(synthetic_data / sample.path).convert("RGB"))
+            assert label == sample.label
+            if sample.label == 0:
+                assert torch.equal(image, own)  # real faces stay as they are
+            else:  # a real face with parts pasted: its top rows are a real face's, the rest differs
+                assert any(torch.equal(image[:, :16], real[:, :16]) for real in real_images)
+                assert not any(torch.equal(image, real) for real in real_images)
+    plain = FaceDataset(synthetic_data, samples, eval_transform(config))
+    fake_index = next(i for i, s in enumerate(samples) if s.label == 1)
+    own = eval_transform(config)(Image.open(synthetic_data / samples[fake_index].path).convert("RGB"))
+    assert torch.equal(plain[fake_index][0], own)  # off by default
+
+
+def test_splice_p_is_a_probability_and_excludes_region_supervision():
+    assert TrainConfig(splice_p=0.5).splice_p == 0.5
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        TrainConfig(splice_p=1.5)
+    with pytest.raises(ValueError, match="splice_p and region_weight exclude each other"):
+        TrainConfig(splice_p=0.5, region_weight=0.5)
