@@ -32,6 +32,10 @@ class TrainConfig(BaseModel):
     hidden: int = Field(512, ge=1)
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
     freeze: int = Field(0, ge=0, description="leading backbone stages kept frozen")
+    pool: Literal["avg", "gem"] = Field(
+        "avg", description="how the feature map becomes one vector: avg (torchvision's), or gem: "
+        "generalised mean with a learnt exponent, between average and max pooling"
+    )
 
     # input and augmentation
     resize: int = Field(256, ge=8)
@@ -108,6 +112,9 @@ class TrainConfig(BaseModel):
         if self.crop_within is not None and not self.image_size <= self.crop_within <= self.resize:
             raise ValueError(f"crop_within {self.crop_within} must lie between image_size "
                              f"{self.image_size} and resize {self.resize}")
+        if self.pool == "gem" and self.backbone not in ("resnet18", "resnet34", "resnet50", "mobilenet_v2"):
+            raise ValueError(f"pool gem needs features that end in a ReLU (resnet18/34/50, mobilenet_v2); "
+                             f"{self.backbone}'s can be negative")
         if self.splice_p > 0 and self.region_weight > 0:
             raise ValueError("splice_p and region_weight exclude each other: a synthetic fake's "
                              "file name does not say which regions were pasted")

@@ -56,6 +56,33 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+class GeMPool(nn.Module):
+    """Generalised-mean pooling (Radenović et al. 2018): each channel's feature map to
+    (mean of x^p)^(1/p), kept as a 1x1 map. p = 1 is average pooling and a large p nears max
+    pooling; p is learnt, starting at 3. A local cue (one pasted eye) then weighs more than
+    in an average over the whole crop. Computed in fp32 (a cube in bf16 loses the digits);
+    inputs are clamped at a small positive floor: the features of the backbones it is for
+    (ResNets, MobileNetV2) end in a ReLU."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1), keepdim=True).pow(1.0 / self.p)
+
+
+def _attach_pool(model: nn.Module, pool: str) -> None:
+    """Put the configured pooling where the backbone pools its features."""
+    if pool == "avg":
+        return
+    if hasattr(model, "avgpool"):  # the ResNets
+        model.avgpool = GeMPool()
+    else:  # MobileNetV2 average-pools in forward(): hand it a 1x1 map, which that leaves as it is
+        model.features.append(GeMPool())
+
+
 def seed_head(in_features: int, hidden: int = 512, dropout: float = 0.5, outputs: int = 2) -> nn.Sequential:
     """The report's head: Linear(in, hidden)-ReLU-Dropout-Linear(hidden, 2).
 
@@ -132,7 +159,8 @@ def build_model(config: TrainConfig) -> nn.Module:
     first = classifier if isinstance(classifier, nn.Linear) else next(
         m for m in classifier.modules() if isinstance(m, nn.Linear))
     model.set_submodule(spec.head, seed_head(first.in_features, config.hidden, config.dropout, outputs))
-    stages = spec.stages(model)
+    stages = spec.stages(model)  # taken before the pooling joins MobileNetV2's features
+    _attach_pool(model, config.pool)
     if config.freeze > len(stages):
         raise ValueError(f"freeze={config.freeze} but {config.backbone} has {len(stages)} stages")
     for stage in stages[: config.freeze]:

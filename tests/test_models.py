@@ -126,3 +126,41 @@ def test_missing_weights_fail_with_a_message_saying_what_to_do(tmp_path, monkeyp
 def test_a_state_dict_of_the_wrong_backbone_is_refused(mobilenet_weights):
     with pytest.raises(WeightsUnavailable, match="is not a resnet18 state dict"):
         build_model(TrainConfig(backbone="resnet18", weights=str(mobilenet_weights)))
+
+
+def test_gem_pooling_lies_between_average_and_max_and_learns_its_exponent():
+    from realfake.models import GeMPool
+
+    x = torch.rand(2, 8, 5, 5) + 0.01
+    pool = GeMPool()
+    out = pool(x)
+    assert out.shape == (2, 8, 1, 1)
+    average, maximum = x.mean(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
+    assert (out > average).all() and (out < maximum).all()
+    with torch.no_grad():
+        pool.p.fill_(1.0)
+    assert torch.allclose(pool(x), average, atol=1e-6)
+    with torch.no_grad():
+        pool.p.fill_(3.0)
+    pool(x).sum().backward()
+    assert pool.p.grad is not None and pool.p.grad != 0
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet18"])
+def test_pool_gem_replaces_the_average_and_survives_folding_and_saving(backbone):
+    torch.manual_seed(0)
+    config = TrainConfig(backbone=backbone, weights="none", pool="gem", freeze=2)
+    model = _as_if_trained(build_model(config)).eval()
+    plain = build_model(config.model_copy(update={"pool": "avg"})).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith(".p")})
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        out = model(images)
+        assert not torch.allclose(out, plain(images))  # the pooling is really another one
+        assert torch.allclose(fold_batchnorm(model)(images), out, rtol=1e-4, atol=1e-5)
+    gem = [name for name, _ in model.named_parameters() if name.endswith(".p")]
+    assert len(gem) == 1 and model.get_parameter(gem[0]).requires_grad
+    again = build_model(config)
+    again.load_state_dict(model.state_dict())  # a checkpoint loads into the model its config builds
+    with pytest.raises(ValueError, match="pool gem needs features that end in a ReLU"):
+        TrainConfig(backbone="convnext_tiny", pool="gem")
