@@ -68,11 +68,14 @@ def recipe_runs(factory, spec: dict) -> list[tuple[int, RunStatus, str | None]]:
 
 
 def finished_sweep(factory, spec: dict) -> list[int] | None:
-    """The runs of an earlier sweep of this name and recipe, if all of them succeeded."""
+    """The succeeded runs of an earlier sweep of this name and recipe, once every run has
+    succeeded or was cancelled (a run cancelled on purpose, for time, is left out); None while
+    any is unfinished or if one failed."""
     runs = recipe_runs(factory, spec)
-    if not runs or any(status is not RunStatus.SUCCEEDED for _, status, _ in runs):
+    if any(status not in (RunStatus.SUCCEEDED, RunStatus.CANCELLED) for _, status, _ in runs):
         return None
-    return [run_id for run_id, _, _ in runs]
+    succeeded = [run_id for run_id, status, _ in runs if status is RunStatus.SUCCEEDED]
+    return succeeded or None
 
 
 def failed_runs(factory, spec: dict) -> str:
