@@ -127,6 +127,8 @@ def main() -> None:
                 sys.exit(f"{name}: not every run succeeded, nothing to evaluate\n" + failed_runs(factory, spec))
         else:
             print(f"reusing the finished sweep {name}: runs {run_ids}", flush=True)
+        if left_out := failed_runs(factory, spec):  # cancelled ones: finished_sweep accepts no other
+            print(f"{name}: only the {len(run_ids)} runs that succeeded are evaluated; left out:\n{left_out}", flush=True)
         variants = {
             "cut-off 0.5": dict(tta=False, threshold="0.5"),
             "cut-off on val": dict(tta=False, threshold="val"),

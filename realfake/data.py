@@ -269,8 +269,8 @@ class FaceDataset(Dataset):
     """Labelled images of one split; items are (tensor, label, index).
 
     `splice_p`: each fake item is, with this probability, replaced by a synthetic fake made
-    from a random real face of the split (`splice_parts`); its label stays fake. For
-    training on aligned faces.
+    from a random real face of the split (`splice_parts`); its label stays fake, and the
+    training metrics count it under that fake's group. For training on aligned faces.
     """
 
     def __init__(

@@ -162,5 +162,11 @@ def test_pool_gem_replaces_the_average_and_survives_folding_and_saving(backbone)
     assert len(gem) == 1 and model.get_parameter(gem[0]).requires_grad
     again = build_model(config)
     again.load_state_dict(model.state_dict())  # a checkpoint loads into the model its config builds
+    if backbone == "mobilenet_v2":  # the pooling joins `features` after the stages `freeze` counts
+        deepest = TrainConfig(backbone=backbone, weights="none", pool="gem", freeze=19)
+        frozen = {n for n, q in build_model(deepest).named_parameters() if not q.requires_grad}
+        assert frozen == {n for n, q in build_model(deepest.model_copy(update={"pool": "avg"})).named_parameters()
+                          if not q.requires_grad}
+        assert build_model(deepest).get_parameter("features.19.p").requires_grad
     with pytest.raises(ValueError, match="pool gem needs features that end in a ReLU"):
         TrainConfig(backbone="convnext_tiny", pool="gem")
