@@ -3,7 +3,9 @@
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-RUN apt-get update && apt-get install -y --no-install-recommends curl && rm -rf /var/lib/apt/lists/*
+# g++: `compile: true` (torch.compile) builds its kernels with it, on CPUs and for Triton on
+# GPUs, and the runtime image has no compiler (pytorch/pytorch#116696)
+RUN apt-get update && apt-get install -y --no-install-recommends curl g++ && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 1000 realfake
 WORKDIR /app
 COPY pyproject.toml README.md ./

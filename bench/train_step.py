@@ -9,6 +9,7 @@ take turns, so drift of a shared machine hits all alike; the first step of each 
     python bench/train_step.py --size 224 --rounds 5
     python bench/train_step.py --freeze 0 4             # also with the first 4 stages frozen
     python bench/train_step.py --modes fp32 "fp32 + channels-last"   # skip emulated bf16 (AVX2)
+    python bench/train_step.py --compile                # also each mode through torch.compile
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> None:
                         help="numbers of leading backbone stages kept frozen, each timed in every mode")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                         help="the modes to time (emulated bf16 on an AVX2 CPU takes minutes a step)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each setup through torch.compile (`compile: true`); compiling is warm-up")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -54,7 +57,10 @@ def main() -> None:
             model = build_model(config).to(memory_format=memory_format)
             optimizer = make_optimizer(model, config)  # the frozen stages' weights left out, as training does
             name = mode if freeze == 0 else f"{mode}, freeze {freeze}"
-            setups[name] = (model, optimizer, images.contiguous(memory_format=memory_format), dtype)
+            batch = images.contiguous(memory_format=memory_format)
+            setups[name] = (model, optimizer, batch, dtype)
+            if args.compile:  # the compiled module shares the parameters, as training's does
+                setups[f"{name}, compiled"] = (torch.compile(model), optimizer, batch, dtype)
 
     def step(name: str) -> float:
         model, optimizer, batch, dtype = setups[name]

@@ -206,6 +206,8 @@ def test_dockerfile_builds_on_a_cuda_image_and_installs_the_console_scripts():
     dockerfile = (REPO / "Dockerfile").read_text()
     assert re.search(r"^FROM \S*cuda\S*", dockerfile, re.M)
     assert "pip install ." in dockerfile and re.search(r"^USER (?!root)", dockerfile, re.M)
+    # torch.compile (`compile: true`) needs a C++ compiler, which CUDA runtime images lack
+    assert re.search(r"apt-get install[^\n]*\sg\+\+(\s|$)", dockerfile, re.M)
     commands = {SERVICES[s]["command"][0] for s in ("migrate", "worker-gpu0", "flower")}
     assert commands == {"realfake-scheduler", "realfake-worker", "celery"}
     scripts = shlex.split("realfake-scheduler realfake-worker")
