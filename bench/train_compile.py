@@ -69,14 +69,14 @@ def main() -> None:
               f"autocast {runtime.autocast_dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"CPU capability {torch.backends.cpu.get_cpu_capability()}", flush=True)
         epochs = {}
-        for variant in args.variants:
+        for variant in variants:
             print(f"  {variant}", flush=True)
             hooks = EpochStamps()
             fit(config.model_copy(update={"compile": variant != "eager"}), root, parts, tmp / variant, hooks,
                 cache_dir=tmp / "cache")
             epochs[variant] = [b - a for a, b in zip(hooks.stamps, hooks.stamps[1:])]
 
-    base = args.variants[0]
+    base = variants[0]
     steady_base = statistics.median(epochs[base][1:] or epochs[base])
     print(f"{'variant':22} {'epoch 1':>9} {'later epochs (median)':>22} {'total':>9}  speed-up over {base}")
     for variant, times in epochs.items():

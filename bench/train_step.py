@@ -84,9 +84,10 @@ def main() -> None:
     print(f"MobileNetV2 + seed head, batch {args.batch_size} of {args.size} px, median of {args.rounds} steps")
     base_name = next(iter(times))
     base = statistics.median(times[base_name])
+    width = max(32, *map(len, times))
     for name, seconds in times.items():
         median = statistics.median(seconds)
-        print(f"  {name:32s} {median:6.2f} s/step   {base / median:5.2f}x {base_name}")
+        print(f"  {name:{width}s} {median:6.2f} s/step   {base / median:5.2f}x {base_name}")
 
 
 if __name__ == "__main__":
