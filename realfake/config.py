@@ -76,6 +76,10 @@ class TrainConfig(BaseModel):
         0.0, ge=0.0, description="weight of a second loss on which face regions a fake replaced "
         "(left eye, right eye, nose, mouth, as its file name says: *_1010.jpg); 0 = off"
     )
+    mixup_alpha: float = Field(
+        0.0, ge=0.0, description="mixup: each training batch blended with a shuffled copy of itself, "
+        "the larger weight (from Beta(alpha, alpha)) on the batch itself, and the loss blended alike; 0 = off"
+    )
     ema_decay: float = Field(
         0.0, ge=0.0, lt=1.0, description="validate, test and keep an exponential moving average of "
         "the weights, updated each step with this decay (0.99: about the last 100 steps); 0 = off"
@@ -118,6 +122,9 @@ class TrainConfig(BaseModel):
         if self.splice_p > 0 and self.region_weight > 0:
             raise ValueError("splice_p and region_weight exclude each other: a synthetic fake's "
                              "file name does not say which regions were pasted")
+        if self.mixup_alpha > 0 and self.region_weight > 0:
+            raise ValueError("mixup_alpha and region_weight exclude each other: a blend of two faces "
+                             "has no one set of edited regions")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise ValueError("warmup_epochs must be smaller than epochs")
         return self

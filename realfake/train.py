@@ -139,12 +139,15 @@ def train_one_epoch(
     regions: torch.Tensor | None = None,
     region_weight: float = 0.0,
     ema: AveragedModel | None = None,
+    mixup_alpha: float = 0.0,
 ) -> Metrics:
     """One pass over the training data; metrics come from the training-mode predictions.
 
     `regions`: per sample of the dataset, which face regions were edited (NaN: unknown),
     learnt by the model's extra outputs with weight `region_weight`. `ema`, when given, is
-    updated after every step.
+    updated after every step. With `mixup_alpha`, each batch is blended with a shuffled copy
+    of itself; the batch keeps the larger weight, so the training metrics judge each blend
+    by the label of its larger part.
     """
     model.train()
     dataset: FaceDataset = loader.dataset
@@ -152,10 +155,15 @@ def train_one_epoch(
     for step, (images, targets, index) in enumerate(loader):
         _check_stop(hooks)
         images, targets = runtime.to_device(images), targets.to(runtime.device)
+        if mixup_alpha > 0:
+            blend, partner, weight = mix_batch(images, mixup_alpha)
+            images = runtime.to_device(blend)  # indexing may have dropped the channels-last layout
         with runtime.autocast():
             output = model(images)
             logits = class_logits(output)
             loss = criterion(logits, targets)
+            if mixup_alpha > 0:
+                loss = weight * loss + (1 - weight) * criterion(logits, targets[partner])
             if regions is not None:
                 loss = loss + region_weight * _region_loss(output[:, 2:], regions[index].to(runtime.device))
         optimizer.zero_grad(set_to_none=True)
@@ -169,6 +177,17 @@ def train_one_epoch(
         indices.append(index)
         hooks.on_batch("train", epoch, step + 1, len(loader))
     return _metrics(dataset, labels, scores, indices, total_loss)
+
+
+def mix_batch(images: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """mixup (Zhang et al., 2018): the batch blended with a permutation of itself.
+
+    Returns the blend, the permutation and the batch's own weight, at least 0.5.
+    """
+    weight = float(torch.distributions.Beta(alpha, alpha).sample())
+    weight = max(weight, 1.0 - weight)
+    partner = torch.randperm(len(images), device=images.device)
+    return weight * images + (1.0 - weight) * images[partner], partner, weight
 
 
 def _region_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -322,7 +341,7 @@ def fit(
             torch.manual_seed(config.seed * 1000 + epoch)
             train_loader = _loader(datasets["train"], config, True, config.seed * 1000 + epoch, runtime)
             metrics = {"train": train_one_epoch(forward, criterion, optimizer, train_loader, runtime, epoch, hooks,
-                                                regions, config.region_weight, ema)}
+                                                regions, config.region_weight, ema, config.mixup_alpha)}
             for name in ("val", "test"):
                 if datasets[name].samples:
                     loader = _loader(datasets[name], config, False, 0, runtime)

@@ -253,6 +253,45 @@ def test_averaged_weights_are_validated_kept_and_resumed(synthetic_data, tmp_pat
         assert torch.allclose(resumed[name].float(), value.float(), atol=1e-5), name
 
 
+def test_mixup_blends_a_batch_with_a_permutation_of_itself_keeping_the_larger_share():
+    from realfake.train import mix_batch
+
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, 4, 4)
+    weights = []
+    for _ in range(50):
+        blend, partner, weight = mix_batch(images, 0.2)
+        assert sorted(partner.tolist()) == list(range(8))
+        assert torch.allclose(blend, weight * images + (1 - weight) * images[partner])
+        weights.append(weight)
+    assert min(weights) >= 0.5 and max(weights) <= 1.0
+    assert min(weights) < 0.8  # Beta(0.2, 0.2) also draws even blends, not only near-copies
+    torch.manual_seed(0)
+    assert torch.equal(torch.randn(8, 3, 4, 4), images)
+    assert mix_batch(images, 0.2)[2] == weights[0]  # drawn from torch's seeded generator
+
+    with pytest.raises(ValueError, match="mixup_alpha and region_weight exclude each other"):
+        TrainConfig(mixup_alpha=0.2, region_weight=0.5)
+
+
+@pytest.mark.slow
+def test_a_run_with_mixup_trains_on_blends_and_still_learns(synthetic_data, mobilenet_weights, tmp_path):
+    from realfake.samples import discover, stratified_split
+    from realfake.train import fit
+
+    config = small_config(mobilenet_weights, decode_cache=False)
+    split = stratified_split(discover(synthetic_data), SplitConfig(val=0.2, test=0.2, seed=0))
+    plain, mixed = _Remembering(), _Remembering()
+    assert fit(config, synthetic_data, split, tmp_path / "plain", plain).outcome == "completed"
+    mixup = config.model_copy(update={"mixup_alpha": 0.4})
+    assert fit(mixup, synthetic_data, split, tmp_path / "mixup", mixed).outcome == "completed"
+    # the same seed and batches: only the blending tells the two runs' training apart
+    assert mixed.metrics[1]["train"].loss != pytest.approx(plain.metrics[1]["train"].loss, rel=1e-3)
+    for name, run in (("plain", plain), ("mixup", mixed)):
+        print(name, "val accuracy", [round(m["val"].accuracy, 3) for m in run.metrics.values()])
+    assert max(m["val"].accuracy for m in mixed.metrics.values()) >= 0.85
+
+
 def _region_faces(folder: Path, per_class: int = 40, size: int = 64) -> list[tuple[str, tuple[int, ...]]]:
     """Faces whose fakes had some of four regions painted over, named by the regions (`_1010`)."""
     from PIL import Image
