@@ -67,6 +67,11 @@ class TrainConfig(BaseModel):
         None, gt=0.0, description="learning rate of the backbone, below the new head's `lr` to keep more "
         "of what the pretrained weights know; None = lr"
     )
+    head_epochs: int = Field(
+        0, ge=0, description="epochs at the start that train only the new head, the backbone's learning "
+        "rate held at 0 (linear probing before fine-tuning: a random head's first gradients do not "
+        "reshape the pretrained features); 0 = off"
+    )
     weight_decay: float = Field(0.0, ge=0.0)
     momentum: float = Field(0.9, ge=0.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -127,6 +132,8 @@ class TrainConfig(BaseModel):
                              "has no one set of edited regions")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise ValueError("warmup_epochs must be smaller than epochs")
+        if self.head_epochs >= self.epochs and self.head_epochs > 0:
+            raise ValueError("head_epochs must be smaller than epochs: the backbone would never train")
         return self
 
     @property

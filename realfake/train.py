@@ -91,12 +91,12 @@ def cpu_has_bf16() -> bool:
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params: list = [p for p in model.parameters() if p.requires_grad]
-    if config.backbone_lr is not None:
-        # Two groups, the head at `lr`; without backbone_lr one group, as older checkpoints hold.
+    if _head_apart(config):
+        # Two groups, the head first at `lr`; otherwise one group, as older checkpoints hold.
         in_head = {id(p) for p in head_parameters(model, config.backbone)}
         params = [
             {"params": [p for p in params if id(p) in in_head], "lr": config.lr},
-            {"params": [p for p in params if id(p) not in in_head], "lr": config.backbone_lr},
+            {"params": [p for p in params if id(p) not in in_head], "lr": config.backbone_lr or config.lr},
         ]
     if config.optimizer == "sgd":
         return torch.optim.SGD(
@@ -106,10 +106,15 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return kind(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def _head_apart(config: TrainConfig) -> bool:
+    return config.backbone_lr is not None or config.head_epochs > 0
+
+
 def make_lr_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-epoch factor: linear warm-up, then constant or cosine decay to zero."""
+    """Per-epoch factor: linear warm-up, then constant or cosine decay to zero; the
+    backbone's group (the second, where the head has its own) at 0 for `head_epochs`."""
 
     def factor(epoch: int) -> float:  # epoch counts from 0 here, as LambdaLR does
         if epoch < config.warmup_epochs:
@@ -120,6 +125,11 @@ def make_lr_scheduler(
         progress = (epoch - config.warmup_epochs) / span
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    def backbone_factor(epoch: int) -> float:
+        return 0.0 if epoch < config.head_epochs else factor(epoch)
+
+    if _head_apart(config):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor, backbone_factor])
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 

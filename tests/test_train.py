@@ -179,6 +179,36 @@ def test_backbone_lr_gives_the_backbone_its_own_rate_and_the_schedule_scales_bot
     assert head["lr"] / body["lr"] == pytest.approx(10.0)
 
 
+def test_head_epochs_train_the_new_head_alone_then_the_backbone_joins():
+    config = TrainConfig(backbone="mobilenet_v2", weights="none", optimizer="adamw", lr=1e-3, weight_decay=0.02,
+                         freeze=4, head_epochs=1, warmup_epochs=1, epochs=3, lr_schedule="cosine")
+    model = build_model(config)
+    optimizer, names = make_optimizer(model, config), {id(p): n for n, p in model.named_parameters()}
+    scheduler = make_lr_scheduler(optimizer, config)
+    head, body = optimizer.param_groups
+    assert {names[id(p)].split(".")[0] for p in head["params"]} == {"classifier"}
+    images, targets = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1])
+
+    def step() -> dict[str, torch.Tensor]:
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images)[:, :2], targets).backward()
+        optimizer.step()
+        return {n: not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad}
+
+    assert body["lr"] == 0.0 and head["lr"] == pytest.approx(0.5e-3)  # the head warms up alone
+    changed = step()
+    assert all(changed[n] for n in changed if n.startswith("classifier."))
+    assert not any(changed[n] for n in changed if not n.startswith("classifier."))  # no decay either
+    scheduler.step()
+    assert body["lr"] == head["lr"] == pytest.approx(1e-3)
+    changed = step()
+    assert all(changed[n] for n in changed if n.startswith("features.18."))
+
+    with pytest.raises(ValueError, match="head_epochs must be smaller than epochs"):
+        TrainConfig(head_epochs=3, epochs=3)
+
+
 def test_without_backbone_lr_one_group_as_older_checkpoints_hold():
     config = TrainConfig(backbone="mobilenet_v2", weights="none", lr=1e-3)
     (group,) = make_optimizer(build_model(config), config).param_groups
