@@ -189,7 +189,7 @@ def test_head_epochs_train_the_new_head_alone_then_the_backbone_joins():
     assert {names[id(p)].split(".")[0] for p in head["params"]} == {"classifier"}
     images, targets = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1])
 
-    def step() -> dict[str, torch.Tensor]:
+    def step() -> dict[str, bool]:
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(images)[:, :2], targets).backward()
