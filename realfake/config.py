@@ -146,17 +146,25 @@ class TrainConfig(BaseModel):
 
 
 class SplitConfig(BaseModel):
-    """Fractions of the data held out for validation and test, and the shuffling seed."""
+    """Fractions of the data held out for validation and test, and the shuffling seed.
+
+    `folds: K` (cross-validation): the faces outside test are dealt into K folds, and each
+    variant trains K runs, run k validating on fold k and training on the others; `val`
+    does not apply then. The test faces are the same as without folds.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     val: float = Field(0.1, ge=0.0, lt=1.0)
     test: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = 0
+    folds: int | None = Field(None, ge=2, le=20)
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> SplitConfig:
-        if self.val + self.test >= 1.0:
+        if self.folds is not None and "val" in self.model_fields_set:
+            raise ValueError("give either val or folds: with folds, each run validates on its own fold")
+        if self.folds is None and self.val + self.test >= 1.0:
             raise ValueError("val + test must leave some data for training")
         return self
 

@@ -1,4 +1,4 @@
-"""Held-out evaluation of a trained run, or of an ensemble of runs that share a split.
+"""Held-out evaluation of a trained run, or of an ensemble of runs that share a test split.
 
 What a training run records per epoch is enough to pick a model; this is what to report
 about it: test metrics with the decision threshold chosen on validation, optional
@@ -106,9 +106,12 @@ def summarize(samples: Sequence[Sample], scores: np.ndarray, threshold: float) -
 def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, threshold: str = "val",
                   cache: ModelCache | None = None, memo: dict | None = None, eval_size: int | None = None,
                   crops: bool = False) -> dict:
-    """Test metrics of one run, or of the mean P(fake) of several that share data and split.
+    """Test metrics of one run, or of the mean P(fake) of several that share data and test split.
 
-    `threshold`: "val" picks the cut-off on the validation split; a number fixes it.
+    Validation scores each face with the runs that held it out: every run, for runs that
+    share a split; the runs of its fold, for the folds of a cross-validated sweep (out-of-fold
+    predictions, so every face outside test is a validation face).
+    `threshold`: "val" picks the cut-off on those validation scores; a number fixes it.
     `eval_size`: the centre crop to evaluate on, instead of each run's own (see `predict`).
     `crops`: the mean over five crops of each run's training size (see `predict`).
     `memo`: a dict kept across calls, so each run's predictions are computed once.
@@ -117,38 +120,47 @@ def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, t
     missing = [run_id for run_id, run in zip(run_ids, runs) if run is None]
     if missing:
         raise EvaluationError(f"no such run: {', '.join(map(str, missing))}")
-    if len({(run.data_root, repr(run.split)) for run in runs}) > 1:
-        raise EvaluationError("an ensemble needs runs trained on the same data and split")
-    root, parts = Path(runs[0].data_root), samples_from_json(runs[0].split)
-    if not parts.get("test"):
+    if len({(run.data_root, repr(run.split.get("test"))) for run in runs}) > 1:
+        raise EvaluationError("an ensemble needs runs trained on the same data and test split")
+    root, parts = Path(runs[0].data_root), {run.id: samples_from_json(run.split) for run in runs}
+    test_samples = parts[runs[0].id].get("test")
+    if not test_samples:
         raise EvaluationError(f"run {runs[0].id} has no test split")
     cache, memo = cache or ModelCache(), {} if memo is None else memo
     for run in runs:
         if (run.id, tta, eval_size, crops) not in memo:
             checkpoint = model_checkpoint(run)
             memo[run.id, tta, eval_size, crops] = Predictions(
-                val=predict(checkpoint, root, parts.get("val", []), tta, cache, eval_size, crops),
-                test=predict(checkpoint, root, parts["test"], tta, cache, eval_size, crops),
+                val=predict(checkpoint, root, parts[run.id].get("val", []), tta, cache, eval_size, crops),
+                test=predict(checkpoint, root, test_samples, tta, cache, eval_size, crops),
             )
     predictions = [memo[run.id, tta, eval_size, crops] for run in runs]
-    val = np.mean([p.val for p in predictions], axis=0)
+    val_samples = sorted({s for run in runs for s in parts[run.id].get("val", [])})
+    row = {sample: i for i, sample in enumerate(val_samples)}
+    val_sum, val_count = np.zeros(len(val_samples)), np.zeros(len(val_samples))
+    for run, p in zip(runs, predictions):
+        rows = [row[s] for s in parts[run.id].get("val", [])]
+        np.add.at(val_sum, rows, p.val)
+        np.add.at(val_count, rows, 1)
+    val = val_sum / val_count
     test = np.mean([p.test for p in predictions], axis=0)
     if threshold == "val":
-        if not parts.get("val"):
+        if not val_samples:
             raise EvaluationError("threshold 'val' needs a validation split")
-        cut = best_threshold(np.array([s.label for s in parts["val"]]), val)
+        cut = best_threshold(np.array([s.label for s in val_samples]), val)
     else:
         cut = float(threshold)
-    clean = shortcut_free(root, parts["test"], [s for part in parts.values() for s in part])
-    clean_samples = [s for s, keep in zip(parts["test"], clean) if keep]
+    clean = shortcut_free(root, test_samples, [s for part in parts[runs[0].id].values() for s in part])
+    clean_samples = [s for s, keep in zip(test_samples, clean) if keep]
     return {
         "runs": list(run_ids),
         "tta": tta,
         "eval_size": eval_size,
         "crops": crops,
         "threshold": cut,
-        "val": summarize(parts["val"], val, cut) if parts.get("val") else None,
-        "test": summarize(parts["test"], test, cut),
+        "out_of_fold": len({repr(parts[run.id].get("val")) for run in runs}) > 1,
+        "val": summarize(val_samples, val, cut) if val_samples else None,
+        "test": summarize(test_samples, test, cut),
         "test_shortcut_free": summarize(clean_samples, test[clean], cut),
-        "test_at_0.5": summarize(parts["test"], test, 0.5),
+        "test_at_0.5": summarize(test_samples, test, 0.5),
     }

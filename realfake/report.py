@@ -23,6 +23,7 @@ def run_summary(run: Run) -> dict:
     return {
         "id": run.id,
         "sweep_id": run.sweep_id,
+        "fold": run.fold,
         "status": run.status.value,
         "backbone": run.config.get("backbone"),
         "epochs_done": run.epochs_done,

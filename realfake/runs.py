@@ -69,18 +69,20 @@ def create_run(
     sweep_id: int | None = None,
     split_parts: dict | None = None,
     max_attempts: int = 3,
+    fold: int | None = None,
 ) -> Run:
     """Add a WAITING run with its split recorded (computed here unless given)."""
     root = Path(data_root).absolute()
     if split_parts is None:
         samples = discover(root)
         check_images(root, samples)
-        split_parts = samples_to_json(stratified_split(samples, split))
+        split_parts = samples_to_json(stratified_split(samples, split, fold))
     run = Run(
         sweep_id=sweep_id,
         config=config.model_dump(mode="json"),
         data_root=str(root),
         split=split_parts,
+        fold=fold,
         status=RunStatus.WAITING,
         max_attempts=max_attempts,
     )
@@ -92,7 +94,8 @@ def create_run(
 def create_sweep(
     session: Session, spec: SweepSpec, data: Path | str | None = None, roots: tuple[Path, ...] = ()
 ) -> tuple[Sweep, list[Run]]:
-    """The sweep and its WAITING runs, sharing one split; nothing is enqueued here.
+    """The sweep and its WAITING runs, sharing one split (with `split.folds`, one run of each
+    variant per fold); nothing is enqueued here.
 
     Everything is checked before the first row is added: the spec (already parsed), the
     data folder and its classes, the split. The caller commits, then enqueues.
@@ -105,7 +108,8 @@ def create_sweep(
         raise SpecError(f"data: folder {root} does not exist")
     samples = discover(root, roots or None)
     check_images(root, samples)
-    split_parts = samples_to_json(stratified_split(samples, spec.split))
+    folds = range(spec.split.folds) if spec.split.folds else [None]
+    split_parts = {fold: samples_to_json(stratified_split(samples, spec.split, fold)) for fold in folds}
     configs = [TrainConfig.model_validate(variant) for variant in expand(spec)]
     sweep = Sweep(
         name=spec.name,
@@ -116,8 +120,9 @@ def create_sweep(
     session.add(sweep)
     session.flush()
     runs = [
-        create_run(session, config, root, spec.split, sweep.id, split_parts, spec.max_attempts)
+        create_run(session, config, root, spec.split, sweep.id, split_parts[fold], spec.max_attempts, fold)
         for config in configs
+        for fold in folds
     ]
     return sweep, runs
 

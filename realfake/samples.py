@@ -105,34 +105,52 @@ def discover(root: Path | str, roots: Sequence[Path] | None = None) -> list[Samp
     return sorted(by_class["real"] + by_class["fake"])
 
 
-def stratified_split(samples: Sequence[Sample], split: SplitConfig) -> dict[str, list[Sample]]:
+def stratified_split(
+    samples: Sequence[Sample], split: SplitConfig, fold: int | None = None
+) -> dict[str, list[Sample]]:
     """Split into train/val/test, stratified by class and group.
 
     Exact per-stratum counts (even for strata too small for scikit-learn's splitter), and
-    the same files and seed give the same split whatever order they were listed in.
+    the same files and seed give the same split whatever order they were listed in. With
+    `split.folds`, `fold` picks the fold that is validation; the test part is the one the
+    same seed and test fraction give without folds.
     """
+    if (split.folds is None) != (fold is None) or (fold is not None and not 0 <= fold < split.folds):
+        raise ValueError(f"fold {fold} does not fit folds={split.folds}")
     strata: dict[tuple[int, str | None], list[Sample]] = defaultdict(list)
     for sample in sorted(set(samples)):
         strata[(sample.label, sample.group)].append(sample)
     rng = random.Random(split.seed)
     parts: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
+    dealt = 0  # faces dealt into folds so far: each stratum continues where the last one stopped
     for key in sorted(strata, key=lambda k: (k[0], k[1] or "")):
         members = strata[key]
         rng.shuffle(members)
         n_test = round(len(members) * split.test)
-        n_val = round(len(members) * split.val)
         parts["test"] += members[:n_test]
+        if split.folds is not None:
+            for sample in members[n_test:]:
+                parts["val" if dealt % split.folds == fold else "train"].append(sample)
+                dealt += 1
+            continue
+        n_val = round(len(members) * split.val)
         parts["val"] += members[n_test : n_test + n_val]
         parts["train"] += members[n_test + n_val :]
+    val_fraction = split.val if split.folds is None else 1.0
     for name, part in parts.items():
         part.sort()
-        fraction = {"train": 1.0, "val": split.val, "test": split.test}[name]
+        fraction = {"train": 1.0, "val": val_fraction, "test": split.test}[name]
         if fraction > 0 and len({s.label for s in part}) < 2:
             raise DatasetError(
                 f"too few images for the split: the {name} part would not hold both classes "
-                f"({len(samples)} images, val={split.val}, test={split.test})"
+                f"({len(samples)} images, {_describe(split)})"
             )
     return parts
+
+
+def _describe(split: SplitConfig) -> str:
+    held_out = f"folds={split.folds}" if split.folds is not None else f"val={split.val}"
+    return f"{held_out}, test={split.test}"
 
 
 def check_images(root: Path, samples: Sequence[Sample], threads: int = 8) -> None:

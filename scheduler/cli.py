@@ -146,6 +146,8 @@ def sweep(
             return _print_json({"name": spec.name, "variants": variants})
         for index, variant in enumerate(variants):
             console.print(f"variant {index}: {variant_label(spec, variant)}")
+        if spec.split.folds:
+            console.print(f"each variant trains {spec.split.folds} runs, one per fold")
         return
     factory = _database(settings)
     celery = _celery(settings)
@@ -179,12 +181,14 @@ def runs_cmd(
     if as_json:
         return _print_json(rows)
     metric = rows[0]["selection_metric"] if rows else "metric"
-    table = Table("run", "sweep", "status", "epochs", f"best val {metric}", "@epoch", "val acc", "val auc",
-                  "test acc", "test auc", title="runs, best first")
+    folds = any(r["fold"] is not None for r in rows)
+    table = Table("run", "sweep", *(["fold"] if folds else []), "status", "epochs", f"best val {metric}", "@epoch",
+                  "val acc", "val auc", "test acc", "test auc", title="runs, best first")
     for r in rows:
         val, test = r["val"] or {}, r["test"] or {}
         table.add_row(
-            str(r["id"]), _fmt(r["sweep_id"]), r["status"], f"{r['epochs_done']}/{r['epochs']}",
+            str(r["id"]), _fmt(r["sweep_id"]), *([_fmt(r["fold"])] if folds else []), r["status"],
+            f"{r['epochs_done']}/{r['epochs']}",
             _fmt(r["best_metric"]), _fmt(r["best_epoch"]),
             _fmt(val.get("accuracy")), _fmt(val.get("roc_auc")), _fmt(test.get("accuracy")), _fmt(test.get("roc_auc")),
         )
@@ -198,7 +202,8 @@ def show(run: Annotated[int, typer.Argument(help="run id")], as_json: JSON = Fal
         detail = run_detail(session, run)
     if as_json:
         return _print_json(detail)
-    console.print(f"run {detail['id']}: {detail['status']}, {detail['epochs_done']}/{detail['epochs']} epochs, "
+    fold = f" (fold {detail['fold']})" if detail["fold"] is not None else ""
+    console.print(f"run {detail['id']}{fold}: {detail['status']}, {detail['epochs_done']}/{detail['epochs']} epochs, "
                   f"attempt {detail['attempt']}, best epoch {_fmt(detail['best_epoch'])} "
                   f"({detail['selection_metric']} {_fmt(detail['best_metric'])})")
     console.print("config: " + json.dumps(detail["config"]))
@@ -373,7 +378,8 @@ def evaluate(
     elif eval_size:
         title += f", {eval_size} px centre crop"
     table = Table("part", "n", "accuracy (95% CI)", "ROC-AUC", "F1", title=f"{title}, P(fake) >= {result['threshold']:.3f}")
-    parts = (("validation", "val"), ("all", "test"), ("shortcut-free", "test_shortcut_free"), ("all, cut-off 0.5", "test_at_0.5"))
+    validation = "validation, out of fold" if result["out_of_fold"] else "validation"
+    parts = ((validation, "val"), ("all", "test"), ("shortcut-free", "test_shortcut_free"), ("all, cut-off 0.5", "test_at_0.5"))
     for name, key in parts:
         if (m := result[key]) is None:
             continue

@@ -210,6 +210,33 @@ def test_evaluate_reports_the_test_split_per_group_and_shortcut_free(home, finis
         assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
+@pytest.mark.slow
+def test_a_cross_validated_sweep_is_evaluated_out_of_fold(home, tmp_path):
+    root, env = home
+    env = env | {"REALFAKE_HOME": str(tmp_path / ".realfake")}
+    data = make_synthetic(tmp_path / "data", per_class=30, size=48, seed=2)
+    spec = tmp_path / "cv.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "cv", "data": str(data), "split": {"test": 0.2, "folds": 2},
+        "base": {"backbone": "mobilenet_v2", "weights": "imagenet", "resize": 48, "image_size": 32,
+                 "batch_size": 16, "epochs": 1, "precision": "fp32"},
+    }))
+    dry = cli("sweep", spec, "--dry-run", env=env, cwd=root)
+    assert dry.returncode == 0 and "each variant trains 2 runs, one per fold" in dry.stdout, dry.stderr
+
+    result = cli("sweep", spec, "--local", "--json", env=env, cwd=root)
+    assert result.returncode == 0, result.stderr
+    runs = json.loads(result.stdout)
+    assert sorted(r["fold"] for r in runs) == [0, 1] and {r["status"] for r in runs} == {"succeeded"}
+    assert "fold" in cli("runs", env=env, cwd=root).stdout
+
+    report = json.loads(cli("evaluate", "--top", "2", "--json", env=env, cwd=root).stdout)
+    assert report["out_of_fold"] and report["val"]["n"] == 48 and report["test"]["n"] == 12  # 60 faces
+    single = json.loads(cli("evaluate", str(runs[0]["id"]), "--json", env=env, cwd=root).stdout)
+    assert not single["out_of_fold"] and single["val"]["n"] == 24
+    assert "validation, out of fold" in cli("evaluate", "--top", "2", env=env, cwd=root).stdout
+
+
 def test_a_bad_sweep_is_rejected_before_anything_is_written(home, tmp_path):
     root, env = home
     env = env | {"REALFAKE_HOME": str(tmp_path / ".realfake")}

@@ -99,6 +99,27 @@ def test_split_is_stratified_disjoint_and_complete(synthetic_data):
         assert per_part["train"] == n - per_part["test"] - per_part["val"]
 
 
+def test_folds_deal_the_faces_outside_test_into_disjoint_stratified_folds(synthetic_data):
+    samples = discover(synthetic_data)
+    split = SplitConfig(test=0.2, seed=3, folds=3)
+    folds = [stratified_split(samples, split, fold) for fold in range(3)]
+    plain = stratified_split(samples, SplitConfig(val=0.1, test=0.2, seed=3))
+    outside_test = set(samples) - set(plain["test"])
+    for parts in folds:
+        assert parts["test"] == plain["test"]  # the same held-out faces as without folds
+        assert set(parts["train"]) == outside_test - set(parts["val"])
+    vals = [set(parts["val"]) for parts in folds]
+    assert set.union(*vals) == outside_test and sum(map(len, vals)) == len(outside_test)  # each face once
+    for stratum in {(s.label, s.group) for s in samples}:
+        counts = [sum((s.label, s.group) == stratum for s in val) for val in vals]
+        assert max(counts) - min(counts) <= 1
+    assert max(map(len, vals)) - min(map(len, vals)) <= 1
+    assert stratified_split(samples, SplitConfig(test=0.2, seed=4, folds=3), 0)["val"] != folds[0]["val"]
+    for config, fold in [(split, None), (split, 3), (SplitConfig(test=0.2), 0)]:
+        with pytest.raises(ValueError, match=f"fold {fold} does not fit folds={config.folds}"):
+            stratified_split(samples, config, fold)
+
+
 @pytest.mark.skipif(not FACES.is_dir(), reason="shared dataset not present")
 def test_split_of_the_real_faces_keeps_group_proportions():
     samples = discover(FACES)

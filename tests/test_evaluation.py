@@ -12,10 +12,10 @@ from torchvision.transforms.v2 import functional as F
 from realfake.config import SplitConfig, TrainConfig
 from realfake.data import FaceDataset, eval_transform
 from realfake.errors import EvaluationError
-from realfake.evaluation import predict, shortcut_free
+from realfake.evaluation import Predictions, evaluate_runs, predict, shortcut_free
 from realfake.inference import ModelCache, score_shard
 from realfake.models import fake_probability
-from realfake.runs import create_run, train_run
+from realfake.runs import create_run, create_sweep, train_run
 from realfake.samples import discover, samples_from_json
 from realfake.scoring import create_scoring_job, model_checkpoint
 from realfake.store import (
@@ -26,6 +26,7 @@ from realfake.store import (
     session_factory,
     session_scope,
 )
+from realfake.sweeps import parse_spec
 from realfake.synthetic import make_synthetic
 
 
@@ -41,6 +42,41 @@ def test_fakes_saved_with_tables_no_real_image_has_are_not_shortcut_free(tmp_pat
     kept = {s.path for s, keep in zip(samples, mask) if keep}
     assert {s.path for s in samples if s.label == 0} <= kept  # every real face stays
     assert {p.relative_to(root).as_posix() for p in resaved} == {s.path for s in samples} - kept
+
+
+def test_the_folds_of_a_cross_validated_sweep_are_judged_out_of_fold(tmp_path, synthetic_data):
+    """Each validation face is scored by the run that held it out; the test by all runs' mean.
+    Predictions are given (through the memo), so this is the bookkeeping alone."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(engine)
+    factory = session_factory(engine)
+    spec = parse_spec({"name": "cv", "split": {"test": 0.2, "folds": 3}, "base": {"backbone": "mobilenet_v2"}})
+    with session_scope(factory) as session:
+        _, runs = create_sweep(session, spec, synthetic_data)
+        ids = [run.id for run in runs]
+        other_test = create_run(session, TrainConfig(), synthetic_data, SplitConfig(seed=9)).id
+        parts = {run.id: samples_from_json(run.split) for run in runs}
+    test = parts[ids[0]]["test"]
+    fake = np.array([s.label for s in test]) == 1
+    # on its own fold each run puts every fake at 0.4 and every real face at 0.3; on test one
+    # run calls every face real, one every face fake, one tells them apart
+    memo = {(run_id, False, None, False): Predictions(
+        val=np.array([0.4 if s.label else 0.3 for s in parts[run_id]["val"]]),
+        test=[np.full(len(test), 0.35), np.full(len(test), 0.45), np.where(fake, 0.6, 0.2)][index],
+    ) for index, run_id in enumerate(ids)}
+
+    with session_scope(factory) as session:
+        folds = evaluate_runs(session, ids, memo=memo)
+        alone = evaluate_runs(session, ids[:1], memo=memo)
+        with pytest.raises(EvaluationError, match="same data and test split"):
+            evaluate_runs(session, [ids[0], other_test], memo=memo)
+
+    assert folds["out_of_fold"] and folds["val"]["n"] == 160  # every face outside the 40 of test
+    assert folds["val"]["accuracy"] == 1.0 and folds["threshold"] == pytest.approx(0.4)
+    assert folds["test"]["n"] == 40 and folds["test"]["accuracy"] == 1.0  # fakes 0.467, reals 0.333
+    assert folds["test_at_0.5"]["accuracy"] == pytest.approx(1 - fake.mean())  # every face under 0.5
+    assert not alone["out_of_fold"] and alone["val"]["n"] == len(parts[ids[0]]["val"]) < 60
+    assert alone["test_at_0.5"]["accuracy"] == pytest.approx(1 - fake.mean())
 
 
 def _one_epoch_run(tmp_path, weights, **options):

@@ -7,7 +7,8 @@ from sqlalchemy.exc import IntegrityError
 from realfake.config import SplitConfig, TrainConfig
 from realfake.metrics import compute_metrics
 from realfake.report import list_runs
-from realfake.runs import create_run, epoch_rows, record_epoch
+from realfake.runs import create_run, create_sweep, epoch_rows, record_epoch
+from realfake.samples import samples_from_json
 from realfake.store import (
     Base,
     EpochMetric,
@@ -18,6 +19,7 @@ from realfake.store import (
     session_scope,
 )
 from realfake.store.session import alembic_config
+from realfake.sweeps import parse_spec
 
 
 def test_migrations_match_the_models_and_rerun_harmlessly(db_url):
@@ -38,6 +40,25 @@ def test_run_records_its_config_and_split(factory, synthetic_data):
         assert run.status is RunStatus.WAITING and run.attempt == 0
         assert TrainConfig.model_validate(run.config) == config
         assert {k: len(v) for k, v in run.split.items()} == {"train": 140, "val": 20, "test": 40}
+
+
+def test_a_cross_validated_sweep_trains_each_variant_once_per_fold(factory, synthetic_data):
+    spec = parse_spec({"name": "cv", "split": {"test": 0.2, "folds": 4},
+                       "parameters": {"lr": {"values": [1e-3, 1e-4]}}, "base": {"backbone": "mobilenet_v2"}})
+    with session_scope(factory) as session:
+        sweep, runs = create_sweep(session, spec, synthetic_data)
+        sweep_id = sweep.id
+    with session_scope(factory) as session:
+        rows = list_runs(session, sweep_id)
+        runs = {row["id"]: session.get(Run, row["id"]) for row in rows}
+        by_variant = {(run.config["lr"], run.fold): samples_from_json(run.split) for run in runs.values()}
+    assert sorted(by_variant) == [(lr, fold) for lr in (1e-4, 1e-3) for fold in range(4)]
+    assert sorted(row["fold"] for row in rows) == [0, 0, 1, 1, 2, 2, 3, 3]
+    for fold in range(4):  # both variants see the same folds
+        assert by_variant[1e-3, fold] == by_variant[1e-4, fold]
+    vals = [set(by_variant[1e-3, fold]["val"]) for fold in range(4)]
+    assert sum(map(len, vals)) == len(set.union(*vals)) == 160  # the 200 faces less the 40 of test
+    assert all(len(by_variant[1e-3, fold]["test"]) == 40 for fold in range(4))
 
 
 def test_epoch_metrics_upsert_one_row_per_run_epoch_split(factory, synthetic_data):

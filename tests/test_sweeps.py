@@ -67,6 +67,8 @@ def test_random_draws_are_reproducible_from_the_seed_and_respect_distributions()
         ({"base": {"epochs": "ten"}}, "variant 0"),
         ({"base": {"image_size": 300, "resize": 256}}, "image_size 300 is larger than resize 256"),
         ({"split": {"val": 0.6, "test": 0.5}}, "val + test must leave some data"),
+        ({"split": {"val": 0.1, "folds": 5}}, "give either val or folds"),
+        ({"split": {"folds": 1}}, "split.folds"),
         ({"early_terminate": {"type": "hyperband"}}, "early_terminate.type"),
         ({"name": ""}, "name"),
     ],

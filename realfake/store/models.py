@@ -77,6 +77,7 @@ class Run(Base):
     config: Mapped[dict] = mapped_column(JSON)
     data_root: Mapped[str] = mapped_column(Text)
     split: Mapped[dict] = mapped_column(JSON)  # {"train": [[path, label, group], ...], ...}
+    fold: Mapped[int | None] = mapped_column(Integer)  # its validation fold, in a cross-validated sweep
     status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "run_status"), default=RunStatus.WAITING, index=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
