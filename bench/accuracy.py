@@ -6,8 +6,10 @@ every seed. Runs train through the real path (`realfake-scheduler sweep --local`
 in SQL, checkpoints), then `realfake.evaluation` scores each run's untouched test split:
 at the 0.5 cut-off, with the cut-off chosen on validation, with horizontal-flip TTA, on
 larger centre crops and on five crops of the training size, and the mean P(fake) of all
-seeds (an ensemble). Sweeps already finished in `--home` under the same name are reused,
-so the evaluation can be re-run without training again.
+seeds (an ensemble). A recipe with `split: {folds: K}` trains each seed once per fold; its
+ensemble is judged on validation out of fold (every face outside test). Sweeps already
+finished in `--home` under the same name are reused, so the evaluation can be re-run
+without training again.
 
     make accuracy                                 # both recipes, seeds 0 1 2 (about 2 h on 2 CPU cores)
     python bench/accuracy.py                      # the same, where TORCH_HOME holds the ImageNet weights
@@ -118,8 +120,10 @@ def main() -> None:
         spec, spec_path = seeds_sweep(recipe, args.seeds, args.home, backbone)
         name = spec["name"]
         run_ids = finished_sweep(factory, spec)
+        folds = spec.get("split", {}).get("folds")
+        members = "folds" if folds else "seeds"  # a cross-validated recipe trains each seed once per fold
         if run_ids is None:
-            print(f"training {name}: {len(args.seeds)} runs", flush=True)
+            print(f"training {name}: {len(args.seeds) * (folds or 1)} runs", flush=True)
             subprocess.run([sys.executable, "-m", "scheduler.cli", "sweep", str(spec_path), "--local", "--workers", str(args.workers)],
                            env=env, cwd=REPO, check=True)
             run_ids = finished_sweep(factory, spec)
@@ -150,15 +154,15 @@ def main() -> None:
             for label, options in variants.items():
                 per_recipe[label] = [evaluate_runs(session, [run_id], cache=cache, memo=memo, **options)
                                      for run_id in run_ids]
-            per_recipe["ensemble of the seeds, val + TTA"] = [
+            per_recipe[f"ensemble of the {members}, val + TTA"] = [
                 evaluate_runs(session, run_ids, tta=True, cache=cache, memo=memo)
             ]
             for size in larger:
-                per_recipe[f"ensemble of the seeds, centre crop {size} px, val"] = [
+                per_recipe[f"ensemble of the {members}, centre crop {size} px, val"] = [
                     evaluate_runs(session, run_ids, cache=cache, memo=memo, eval_size=size)
                 ]
             if larger:
-                per_recipe["ensemble of the seeds, five crops + TTA, val"] = [
+                per_recipe[f"ensemble of the {members}, five crops + TTA, val"] = [
                     evaluate_runs(session, run_ids, tta=True, cache=cache, memo=memo, crops=True)
                 ]
         results[recipe.stem] = per_recipe
