@@ -1,5 +1,6 @@
 """Asynchronous successive halving (ASHA): keep a run only if it ranks in the top 1/rf
-of the runs of its sweep that reached the same rung.
+of the runs of its sweep that reached the same rung (in a cross-validated sweep, the runs
+of its fold).
 
 The decision is a pure function of plain numbers; the rung records live in SQL.
 """
@@ -53,7 +54,8 @@ def asha_prune_hook(session: Session, run_id: int, epoch: int, metrics: dict[str
         [{"sweep_id": sweep.id, "run_id": run_id, "rung": epoch, "value": float(value)}],
         keys=("run_id", "rung"),
     )
-    competing = session.scalars(
-        select(RungValue.value).where(RungValue.sweep_id == sweep.id, RungValue.rung == epoch)
-    ).all()
+    query = select(RungValue.value).where(RungValue.sweep_id == sweep.id, RungValue.rung == epoch)
+    if run.fold is not None:  # folds validate on different faces: a run competes within its own
+        query = query.join(Run, Run.id == RungValue.run_id).where(Run.fold == run.fold)
+    competing = session.scalars(query).all()
     return not should_continue(float(value), competing, asha.reduction_factor, sweep.metric_goal == "maximize")

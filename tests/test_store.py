@@ -6,6 +6,7 @@ from sqlalchemy.exc import IntegrityError
 
 from realfake.config import SplitConfig, TrainConfig
 from realfake.metrics import compute_metrics
+from realfake.pruning import asha_prune_hook
 from realfake.report import list_runs
 from realfake.runs import create_run, create_sweep, epoch_rows, record_epoch
 from realfake.samples import samples_from_json
@@ -59,6 +60,25 @@ def test_a_cross_validated_sweep_trains_each_variant_once_per_fold(factory, synt
     vals = [set(by_variant[1e-3, fold]["val"]) for fold in range(4)]
     assert sum(map(len, vals)) == len(set.union(*vals)) == 160  # the 200 faces less the 40 of test
     assert all(len(by_variant[1e-3, fold]["test"]) == 40 for fold in range(4))
+
+
+def test_asha_compares_a_fold_run_only_with_the_runs_of_its_fold(factory, synthetic_data):
+    spec = parse_spec({"name": "cv-asha", "split": {"test": 0.2, "folds": 2}, "metric": {"name": "accuracy"},
+                       "parameters": {"lr": {"values": [1e-3, 1e-4]}}, "base": {"epochs": 4},
+                       "early_terminate": {"min_epochs": 1, "reduction_factor": 2}})
+    with session_scope(factory) as session:
+        _, runs = create_sweep(session, spec, synthetic_data)
+        by_fold = {(run.config["lr"], run.fold): run.id for run in runs}
+    labels = [0, 1, 1, 0]
+    accuracy = {1.0: [0.1, 0.9, 0.9, 0.1], 0.75: [0.1, 0.9, 0.1, 0.1], 0.5: [0.9, 0.9, 0.1, 0.1], 0.25: [0.9, 0.9, 0.1, 0.9]}
+    pruned = {}
+    # fold 1's faces are harder: its better run (0.5) ranks below both runs of fold 0
+    for (lr, fold), value in [((1e-3, 0), 1.0), ((1e-4, 0), 0.75), ((1e-3, 1), 0.5), ((1e-4, 1), 0.25)]:
+        metrics = compute_metrics(labels, accuracy[value])
+        assert metrics.accuracy == value
+        with session_scope(factory) as session:
+            pruned[lr, fold] = asha_prune_hook(session, by_fold[lr, fold], 1, {"val": metrics})
+    assert pruned == {(1e-3, 0): False, (1e-4, 0): True, (1e-3, 1): False, (1e-4, 1): True}
 
 
 def test_epoch_metrics_upsert_one_row_per_run_epoch_split(factory, synthetic_data):
