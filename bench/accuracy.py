@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 from sqlalchemy import select
 
-from realfake.config import Settings
+from realfake.config import Settings, SplitConfig
 from realfake.evaluation import evaluate_runs
 from realfake.inference import ModelCache
 from realfake.store import (
@@ -63,7 +63,8 @@ def recipe_runs(factory, spec: dict) -> list[tuple[int, RunStatus, str | None]]:
     """(id, status, error) of each run of the latest sweep of this name and recipe, if any."""
     with session_scope(factory) as session:
         sweep = session.scalars(select(Sweep).where(Sweep.name == spec["name"]).order_by(Sweep.id.desc())).first()
-        if sweep is None or sweep.spec["base"] != spec["base"] or sweep.spec["data"] != spec["data"]:
+        split = SplitConfig.model_validate(spec.get("split", {})).model_dump(mode="json")
+        if sweep is None or (sweep.spec["base"], sweep.spec["data"], sweep.spec["split"]) != (spec["base"], spec["data"], split):
             return []
         runs = session.scalars(select(Run).where(Run.sweep_id == sweep.id).order_by(Run.id)).all()
         return [(run.id, run.status, run.error) for run in runs]
@@ -121,7 +122,8 @@ def main() -> None:
         name = spec["name"]
         run_ids = finished_sweep(factory, spec)
         folds = spec.get("split", {}).get("folds")
-        members = "folds" if folds else "seeds"  # a cross-validated recipe trains each seed once per fold
+        # a cross-validated recipe trains each seed once per fold
+        members = ("seeds x folds" if len(args.seeds) > 1 else "folds") if folds else "seeds"
         if run_ids is None:
             print(f"training {name}: {len(args.seeds) * (folds or 1)} runs", flush=True)
             subprocess.run([sys.executable, "-m", "scheduler.cli", "sweep", str(spec_path), "--local", "--workers", str(args.workers)],

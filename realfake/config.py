@@ -155,14 +155,21 @@ class SplitConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    val: float = Field(0.1, ge=0.0, lt=1.0)
+    val: float | None = Field(None, ge=0.0, lt=1.0)  # 0.1 without folds, unset with them
     test: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = 0
     folds: int | None = Field(None, ge=2, le=20)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_val(cls, data):
+        if isinstance(data, dict) and data.get("folds") is None and data.get("val") is None:
+            return data | {"val": 0.1}
+        return data
+
     @model_validator(mode="after")
     def _leaves_training_data(self) -> SplitConfig:
-        if self.folds is not None and "val" in self.model_fields_set:
+        if self.folds is not None and self.val is not None:
             raise ValueError("give either val or folds: with folds, each run validates on its own fold")
         if self.folds is None and self.val + self.test >= 1.0:
             raise ValueError("val + test must leave some data for training")

@@ -6,6 +6,8 @@ import base64
 import html
 import io
 import json
+import statistics
+from collections import defaultdict
 from pathlib import Path
 
 from sqlalchemy import select
@@ -14,7 +16,7 @@ from sqlalchemy.orm import Session
 from realfake.errors import RunNotFound
 from realfake.runs import epoch_rows
 from realfake.samples import samples_from_json
-from realfake.store import EpochMetric, Run, Sweep
+from realfake.store import EpochMetric, Run, RunStatus, Sweep
 
 EPOCH_FIELDS = ("loss", "accuracy", "precision", "recall", "f1", "roc_auc", "tp", "fp", "tn", "fn", "group_accuracy")
 
@@ -64,6 +66,32 @@ def list_runs(session: Session, sweep_id: int | None = None) -> list[dict]:
             for run in runs]
     sign = -1 if goal == "maximize" else 1
     return sorted(rows, key=lambda r: (r["best_metric"] is None, sign * (r["best_metric"] or 0), r["id"]))
+
+
+def best_runs(session: Session, sweep_id: int, count: int) -> list[int]:
+    """The sweep's `count` best succeeded runs, best first by its metric. In a cross-validated
+    sweep, the runs of its `count` best variants, each ranked by the mean of its folds (whose
+    metrics come from different faces) and counted once every fold has succeeded."""
+    sweep = session.get(Sweep, sweep_id)
+    folds = sweep.spec.get("split", {}).get("folds")
+    if not folds:
+        rows = [r["id"] for r in list_runs(session, sweep_id) if r["status"] == "succeeded" and r["best_metric"] is not None]
+        if len(rows) < count:
+            raise LookupError(f"sweep {sweep_id} has {len(rows)} succeeded run{'' if len(rows) == 1 else 's'}, fewer than {count}")
+        return rows[:count]
+    succeeded = session.scalars(
+        select(Run).where(Run.sweep_id == sweep_id, Run.status == RunStatus.SUCCEEDED, Run.best_metric.is_not(None))
+    ).all()
+    by_variant: dict[str, list[Run]] = defaultdict(list)
+    for run in succeeded:
+        by_variant[json.dumps(run.config, sort_keys=True)].append(run)
+    complete = [sorted(runs, key=lambda run: run.fold) for runs in by_variant.values() if len(runs) == folds]
+    sign = -1 if sweep.metric_goal == "maximize" else 1
+    complete.sort(key=lambda runs: (sign * statistics.fmean(run.best_metric for run in runs), runs[0].id))
+    if len(complete) < count:
+        raise LookupError(f"sweep {sweep_id} has {len(complete)} variant{'' if len(complete) == 1 else 's'} with all "
+                          f"{folds} folds succeeded, fewer than {count}")
+    return [run.id for runs in complete[:count] for run in runs]
 
 
 def run_detail(session: Session, run_id: int) -> dict:

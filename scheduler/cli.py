@@ -32,7 +32,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from realfake.config import Settings
 from realfake.errors import USER_ERRORS as LIBRARY_ERRORS
-from realfake.report import list_runs, render_report, run_detail
+from realfake.report import best_runs, list_runs, render_report, run_detail
 from realfake.runs import create_sweep, request_cancel
 from realfake.scoring import create_scoring_job, job_progress
 from realfake.store import (
@@ -239,7 +239,7 @@ def cancel(
 
 def _resolve_models(session, model: str, sweep_id: int | None) -> list[int]:
     """RUN, RUN,RUN,... (an ensemble), `best`, or `topN`: the sweep's N best succeeded runs
-    (the latest sweep by default)."""
+    (the latest sweep by default; in a cross-validated sweep, the folds of its N best variants)."""
     if all(part.strip().isdigit() for part in model.split(",")):
         return [int(part) for part in model.split(",")]
     if model == "best":
@@ -251,17 +251,14 @@ def _resolve_models(session, model: str, sweep_id: int | None) -> list[int]:
 
 
 def _best_runs(session, sweep_id: int | None, count: int) -> list[int]:
-    """The `count` best succeeded runs of the sweep (the latest sweep by default), best first."""
+    """`best_runs` of the sweep (the latest sweep by default)."""
     if sweep_id is None:
         sweep_id = session.scalar(select(Sweep.id).order_by(Sweep.id.desc()).limit(1))
         if sweep_id is None:
             raise LookupError("there is no sweep yet")
     elif session.get(Sweep, sweep_id) is None:
         raise LookupError(f"sweep {sweep_id} does not exist")
-    rows = [r["id"] for r in list_runs(session, sweep_id) if r["status"] == "succeeded" and r["best_metric"] is not None]
-    if len(rows) < count:
-        raise LookupError(f"sweep {sweep_id} has {len(rows)} succeeded run{'' if len(rows) == 1 else 's'}, fewer than {count}")
-    return rows[:count]
+    return best_runs(session, sweep_id, count)
 
 
 @app.command()
@@ -346,7 +343,7 @@ def report(
 @app.command()
 def evaluate(
     runs: Annotated[Optional[list[int]], typer.Argument(help="run ids; several are averaged (an ensemble)")] = None,
-    top: Annotated[Optional[int], typer.Option(min=1, help="the sweep's N best succeeded runs, averaged")] = None,
+    top: Annotated[Optional[int], typer.Option(min=1, help="the sweep's N best succeeded runs (cross-validated: N best variants' folds), averaged")] = None,
     sweep: Annotated[Optional[int], typer.Option(help="sweep for --top (default: the latest)")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="also score the mirror image and average")] = False,
     threshold: Annotated[str, typer.Option(help="'val': the cut-off with the best validation accuracy; or a number")] = "val",

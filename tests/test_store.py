@@ -7,7 +7,7 @@ from sqlalchemy.exc import IntegrityError
 from realfake.config import SplitConfig, TrainConfig
 from realfake.metrics import compute_metrics
 from realfake.pruning import asha_prune_hook
-from realfake.report import list_runs
+from realfake.report import best_runs, list_runs
 from realfake.runs import create_run, create_sweep, epoch_rows, record_epoch
 from realfake.samples import samples_from_json
 from realfake.store import (
@@ -15,12 +15,13 @@ from realfake.store import (
     EpochMetric,
     Run,
     RunStatus,
+    Sweep,
     make_engine,
     migrate,
     session_scope,
 )
 from realfake.store.session import alembic_config
-from realfake.sweeps import parse_spec
+from realfake.sweeps import SweepSpec, parse_spec
 
 
 def test_migrations_match_the_models_and_rerun_harmlessly(db_url):
@@ -60,6 +61,29 @@ def test_a_cross_validated_sweep_trains_each_variant_once_per_fold(factory, synt
     vals = [set(by_variant[1e-3, fold]["val"]) for fold in range(4)]
     assert sum(map(len, vals)) == len(set.union(*vals)) == 160  # the 200 faces less the 40 of test
     assert all(len(by_variant[1e-3, fold]["test"]) == 40 for fold in range(4))
+    with session_scope(factory) as session:  # the recorded spec reads back as it was
+        assert SweepSpec.model_validate(session.get(Sweep, sweep_id).spec) == spec.model_copy(update={"data": str(synthetic_data)})
+
+
+def test_the_best_of_a_cross_validated_sweep_is_a_variant_s_folds_by_their_mean(factory, synthetic_data):
+    spec = parse_spec({"name": "cv-best", "split": {"test": 0.2, "folds": 2},
+                       "parameters": {"lr": {"values": [1e-3, 1e-4]}}, "base": {"epochs": 4}})
+    with session_scope(factory) as session:
+        sweep, runs = create_sweep(session, spec, synthetic_data)
+        sweep_id, ids = sweep.id, {(run.config["lr"], run.fold): run.id for run in runs}
+    # lr 1e-3 has the best single fold (0.9) but the lower mean (0.7 against 0.75)
+    for key, best in {(1e-3, 0): 0.9, (1e-3, 1): 0.5, (1e-4, 0): 0.8, (1e-4, 1): 0.7}.items():
+        with session_scope(factory) as session:
+            run = session.get(Run, ids[key])
+            run.status, run.best_metric, run.best_epoch = RunStatus.SUCCEEDED, best, 1
+    with session_scope(factory) as session:
+        assert best_runs(session, sweep_id, 1) == [ids[1e-4, 0], ids[1e-4, 1]]
+        assert best_runs(session, sweep_id, 2) == [ids[1e-4, 0], ids[1e-4, 1], ids[1e-3, 0], ids[1e-3, 1]]
+        session.get(Run, ids[1e-4, 1]).status = RunStatus.FAILED  # a variant counts once all its folds succeeded
+    with session_scope(factory) as session:
+        assert best_runs(session, sweep_id, 1) == [ids[1e-3, 0], ids[1e-3, 1]]
+        with pytest.raises(LookupError, match="1 variant with all 2 folds succeeded, fewer than 2"):
+            best_runs(session, sweep_id, 2)
 
 
 def test_asha_compares_a_fold_run_only_with_the_runs_of_its_fold(factory, synthetic_data):
