@@ -68,10 +68,31 @@ def list_runs(session: Session, sweep_id: int | None = None) -> list[dict]:
     return sorted(rows, key=lambda r: (r["best_metric"] is None, sign * (r["best_metric"] or 0), r["id"]))
 
 
+def fold_variants(session: Session, sweep: Sweep) -> list[dict]:
+    """A cross-validated sweep's variants, best first by the mean of their folds' best metric
+    (folds validate on different faces, so a variant is judged by all of them): each with its
+    config, run ids by fold, the folds that succeeded, and the mean and spread over those."""
+    by_variant: dict[str, list[Run]] = defaultdict(list)
+    for run in session.scalars(select(Run).where(Run.sweep_id == sweep.id).order_by(Run.fold, Run.id)):
+        by_variant[json.dumps(run.config, sort_keys=True)].append(run)
+    variants = []
+    for runs in by_variant.values():
+        done = [run.best_metric for run in runs if run.status is RunStatus.SUCCEEDED and run.best_metric is not None]
+        variants.append({
+            "config": runs[0].config,
+            "run_ids": [run.id for run in runs],
+            "folds_succeeded": len(done),
+            "mean": statistics.fmean(done) if done else None,
+            "stdev": statistics.stdev(done) if len(done) > 1 else None,
+        })
+    sign = -1 if sweep.metric_goal == "maximize" else 1
+    return sorted(variants, key=lambda v: (v["mean"] is None, sign * (v["mean"] or 0), v["run_ids"][0]))
+
+
 def best_runs(session: Session, sweep_id: int, count: int) -> list[int]:
     """The sweep's `count` best succeeded runs, best first by its metric. In a cross-validated
-    sweep, the runs of its `count` best variants, each ranked by the mean of its folds (whose
-    metrics come from different faces) and counted once every fold has succeeded."""
+    sweep, the runs of its `count` best variants by `fold_variants`, counting only variants
+    whose every fold succeeded."""
     sweep = session.get(Sweep, sweep_id)
     folds = sweep.spec.get("split", {}).get("folds")
     if not folds:
@@ -79,19 +100,11 @@ def best_runs(session: Session, sweep_id: int, count: int) -> list[int]:
         if len(rows) < count:
             raise LookupError(f"sweep {sweep_id} has {len(rows)} succeeded run{'' if len(rows) == 1 else 's'}, fewer than {count}")
         return rows[:count]
-    succeeded = session.scalars(
-        select(Run).where(Run.sweep_id == sweep_id, Run.status == RunStatus.SUCCEEDED, Run.best_metric.is_not(None))
-    ).all()
-    by_variant: dict[str, list[Run]] = defaultdict(list)
-    for run in succeeded:
-        by_variant[json.dumps(run.config, sort_keys=True)].append(run)
-    complete = [sorted(runs, key=lambda run: run.fold) for runs in by_variant.values() if len(runs) == folds]
-    sign = -1 if sweep.metric_goal == "maximize" else 1
-    complete.sort(key=lambda runs: (sign * statistics.fmean(run.best_metric for run in runs), runs[0].id))
+    complete = [v for v in fold_variants(session, sweep) if v["folds_succeeded"] == folds]
     if len(complete) < count:
         raise LookupError(f"sweep {sweep_id} has {len(complete)} variant{'' if len(complete) == 1 else 's'} with all "
                           f"{folds} folds succeeded, fewer than {count}")
-    return [run.id for runs in complete[:count] for run in runs]
+    return [run_id for variant in complete[:count] for run_id in variant["run_ids"]]
 
 
 def run_detail(session: Session, run_id: int) -> dict:

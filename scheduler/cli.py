@@ -32,7 +32,13 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from realfake.config import Settings
 from realfake.errors import USER_ERRORS as LIBRARY_ERRORS
-from realfake.report import best_runs, list_runs, render_report, run_detail
+from realfake.report import (
+    best_runs,
+    fold_variants,
+    list_runs,
+    render_report,
+    run_detail,
+)
 from realfake.runs import create_sweep, request_cancel
 from realfake.scoring import create_scoring_job, job_progress
 from realfake.store import (
@@ -46,7 +52,7 @@ from realfake.store import (
     session_factory,
     session_scope,
 )
-from realfake.sweeps import expand, load_spec, variant_label
+from realfake.sweeps import expand, load_spec, parse_spec, variant_label
 from scheduler.local import LocalWorkers
 
 app = typer.Typer(help="Train and serve real-vs-fake face classifiers.", no_args_is_help=True, add_completion=False)
@@ -175,9 +181,12 @@ def runs_cmd(
 ) -> None:
     """Leaderboard: runs sorted by their sweep's metric, best first."""
     with session_scope(_database(_settings())) as session:
-        if sweep is not None and session.get(Sweep, sweep) is None:
+        if sweep is not None and (found := session.get(Sweep, sweep)) is None:
             raise LookupError(f"sweep {sweep} does not exist")
         rows = list_runs(session, sweep)
+        cross_validated = sweep is not None and found.spec["split"].get("folds")
+        if cross_validated:
+            spec, variants = parse_spec(found.spec, f"sweep {sweep}"), fold_variants(session, found)
     if as_json:
         return _print_json(rows)
     metric = rows[0]["selection_metric"] if rows else "metric"
@@ -193,6 +202,13 @@ def runs_cmd(
             _fmt(val.get("accuracy")), _fmt(val.get("roc_auc")), _fmt(test.get("accuracy")), _fmt(test.get("roc_auc")),
         )
     console.print(table)
+    if cross_validated:  # what `best` and `topN` rank by
+        table = Table("variant", "runs", "folds succeeded", f"mean best val {metric}", "sd",
+                      title=f"variants, best first by the mean over their {cross_validated} folds")
+        for v in variants:
+            table.add_row(variant_label(spec, v["config"]) or "(base)", ",".join(map(str, v["run_ids"])),
+                          f"{v['folds_succeeded']}/{cross_validated}", _fmt(v["mean"]), _fmt(v["stdev"]))
+        console.print(table)
 
 
 @app.command()
