@@ -52,7 +52,7 @@ from realfake.store import (
     session_factory,
     session_scope,
 )
-from realfake.sweeps import expand, load_spec, parse_spec, variant_label
+from realfake.sweeps import SweepSpec, expand, load_spec, variant_label
 from scheduler.local import LocalWorkers
 
 app = typer.Typer(help="Train and serve real-vs-fake face classifiers.", no_args_is_help=True, add_completion=False)
@@ -184,9 +184,10 @@ def runs_cmd(
         if sweep is not None and (found := session.get(Sweep, sweep)) is None:
             raise LookupError(f"sweep {sweep} does not exist")
         rows = list_runs(session, sweep)
-        cross_validated = sweep is not None and found.spec["split"].get("folds")
+        # the variants' table is for people; the recorded spec was checked when the sweep was made
+        cross_validated = not as_json and sweep is not None and found.spec["split"].get("folds")
         if cross_validated:
-            spec, variants = parse_spec(found.spec, f"sweep {sweep}"), fold_variants(session, found)
+            spec, variants = SweepSpec.model_validate(found.spec), fold_variants(session, found)
     if as_json:
         return _print_json(rows)
     metric = rows[0]["selection_metric"] if rows else "metric"
