@@ -7,7 +7,8 @@ in SQL, checkpoints), then `realfake.evaluation` scores each run's untouched tes
 at the 0.5 cut-off, with the cut-off chosen on validation, with horizontal-flip TTA, on
 larger centre crops and on five crops of the training size, and the mean P(fake) of all
 seeds (an ensemble). A recipe with `split: {folds: K}` trains each seed once per fold; its
-ensemble is judged on validation out of fold (every face outside test). Sweeps already
+ensembles are judged on validation out of fold (every face outside test), and with several
+seeds each seed's K runs are also averaged on their own, the model one sweep of it gives. Sweeps already
 finished in `--home` under the same name are reused, so the evaluation can be re-run
 without training again.
 
@@ -87,6 +88,14 @@ def failed_runs(factory, spec: dict) -> str:
                      for run_id, status, error in recipe_runs(factory, spec) if status is not RunStatus.SUCCEEDED)
 
 
+def runs_by_seed(session, run_ids: list[int]) -> list[list[int]]:
+    """The runs grouped by their training seed, in seed order."""
+    by_seed: dict[int, list[int]] = {}
+    for run in session.scalars(select(Run).where(Run.id.in_(run_ids)).order_by(Run.id)):
+        by_seed.setdefault(run.config["seed"], []).append(run.id)
+    return [by_seed[seed] for seed in sorted(by_seed)]
+
+
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -156,6 +165,11 @@ def main() -> None:
             for label, options in variants.items():
                 per_recipe[label] = [evaluate_runs(session, [run_id], cache=cache, memo=memo, **options)
                                      for run_id in run_ids]
+            if folds and len(args.seeds) > 1:  # one sweep of the recipe gives one seed's K runs
+                per_recipe["each seed's ensemble of its folds, val + TTA"] = [
+                    evaluate_runs(session, seed_runs, tta=True, cache=cache, memo=memo)
+                    for seed_runs in runs_by_seed(session, run_ids)
+                ]
             per_recipe[f"ensemble of the {members}, val + TTA"] = [
                 evaluate_runs(session, run_ids, tta=True, cache=cache, memo=memo)
             ]
