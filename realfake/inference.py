@@ -134,6 +134,7 @@ def score_shard(
         if not 0 <= shard < job.n_shards:
             raise LookupError(f"scoring job {job_id} has no shard {shard}")
         files, folder, batch_size = job.shards[shard], Path(job.folder), job.batch_size
+        tta, threshold = job.tta, job.threshold
         checkpoints = [model_checkpoint(session.get(Run, run_id)) for run_id in job.run_ids or [job.run_id]]
         if job.status is JobStatus.WAITING:
             job.status = JobStatus.RUNNING
@@ -154,17 +155,20 @@ def score_shard(
         for batch_rows, images in batches:
             p_fake: list[float] = []
             if images is not None:
+                views = [images, images.flip(-1)] if tta else [images]
                 with torch.inference_mode(), runtime.autocast():
-                    # an ensemble's P(fake) is the mean of its models'
+                    # an ensemble's P(fake) is the mean of its models', each over the views
+                    # (the mean over both, as `evaluation.predict` averages them)
                     p_fake = torch.stack(
-                        [fake_probability(model(images)) for model, _, _ in models]
+                        [torch.stack([fake_probability(model(view)) for view in views]).mean(0)
+                         for model, _, _ in models]
                     ).mean(0).cpu().tolist()
             scores = iter(p_fake)
             for rel, ok, error in batch_rows:
                 p = next(scores) if ok else None
                 rows.append(
                     {"job_id": job_id, "shard": shard, "path": rel, "p_fake": p, "error": error,
-                     "label": None if p is None else ("fake" if p >= 0.5 else "real")}
+                     "label": None if p is None else ("fake" if p >= threshold else "real")}
                 )
     with session_scope(factory) as session:
         upsert(session, Prediction, rows, keys=("job_id", "path"))

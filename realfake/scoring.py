@@ -52,8 +52,16 @@ def create_scoring_job(
     batch_size: int = 64,
     shard_size: int = 256,
     roots: Sequence[Path] = (),
+    tta: bool = False,
+    threshold: float = 0.5,
 ) -> ScoringJob:
-    """A job over every image under `folder`, scored by one run or by the mean P(fake) of several."""
+    """A job over every image under `folder`, scored by one run or by the mean P(fake) of several.
+
+    `tta`: each P(fake) is also the mean over the mirror image; `threshold`: the P(fake) from
+    which a file is labelled fake (`evaluate` reports the one chosen on validation).
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ScoringError(f"threshold {threshold} is not a probability in [0, 1]")
     run_ids = [run_id] if isinstance(run_id, int) else list(dict.fromkeys(run_id))
     folder = Path(folder).absolute()
     if not folder.is_dir():
@@ -80,6 +88,8 @@ def create_scoring_job(
         n_files=len(files),
         n_shards=len(shards),
         batch_size=batch_size,
+        tta=tta,
+        threshold=threshold,
         shards=shards,
         status=JobStatus.DONE if not files else JobStatus.WAITING,
     )

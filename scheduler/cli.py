@@ -286,6 +286,8 @@ def score(
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     shard_size: Annotated[int, typer.Option(min=1, help="files per task")] = 256,
     out: Annotated[Optional[Path], typer.Option(help="CSV to write: path,p_fake,label,error")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="also score the mirror image and average (as evaluate --tta)")] = False,
+    threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="P(fake) from which a file is labelled fake; evaluate reports the one chosen on validation")] = 0.5,
     local: LOCAL = False,
     workers: WORKERS = 1,
     as_json: JSON = False,
@@ -296,13 +298,15 @@ def score(
     celery = _celery(settings)
     with session_scope(factory) as session:
         run_ids = _resolve_models(session, model, sweep)
-        job = create_scoring_job(session, run_ids, folder, batch_size, shard_size, settings.data_roots)
+        job = create_scoring_job(session, run_ids, folder, batch_size, shard_size, roots=settings.data_roots,
+                                 tta=tta, threshold=threshold)
         job_id, n_shards, n_files = job.id, job.n_shards, job.n_files
     from worker.celery import enqueue_shards
 
     enqueue_shards(celery, ((job_id, shard) for shard in range(n_shards)))
     models = f"run {run_ids[0]}" if len(run_ids) == 1 else f"the mean of runs {', '.join(map(str, run_ids))}"
-    err.print(f"scoring job {job_id}: {n_files} files in {n_shards} shards with {models}")
+    err.print(f"scoring job {job_id}: {n_files} files in {n_shards} shards with {models}"
+              f"{' and TTA' if tta else ''}, fake from P(fake) >= {threshold:g}")
     if local:
         with LocalWorkers(workers, settings.home / "logs"):
             _wait_for_job(factory, job_id, n_files)
@@ -324,7 +328,8 @@ def score(
             writer.writerows(records)
     errors = sum(r["error"] is not None for r in records)
     summary = {"job_id": job_id, "run_id": run_ids[0], "run_ids": run_ids, "files": n_files, "scored": len(records) - errors,
-               "errors": errors, "fake": sum(r["label"] == "fake" for r in records), "out": str(out) if out else None}
+               "errors": errors, "fake": sum(r["label"] == "fake" for r in records), "tta": tta, "threshold": threshold,
+               "out": str(out) if out else None}
     if as_json:
         _print_json(summary | {"predictions": records if out is None else None})
     else:
@@ -403,6 +408,9 @@ def evaluate(
         low, high = g["ci95"]
         table.add_row(f"group {group}", str(g["n"]), f"{g['accuracy']:.3f} ({low:.3f}-{high:.3f})", "", "")
     console.print(table)
+    if not (crops or eval_size):  # scoring judges each run's own crop
+        err.print(f"to label new files the same way: realfake-scheduler score FOLDER --model {','.join(map(str, runs))}"
+                  f"{' --tta' if tta else ''} --threshold {result['threshold']:.4f}")
 
 
 @app.command()

@@ -149,10 +149,12 @@ def test_an_ensemble_scores_the_mean_p_fake_of_its_runs(home, finished_sweep, tm
         shutil.copy(image, folder / image.name)
     ids = [r["id"] for r in finished_sweep]
 
-    def p_fake(model: str) -> tuple[list[int], dict[str, float]]:
-        result = cli("score", folder, "--model", model, "--local", "--json", env=env, cwd=root)
+    def p_fake(model: str, *options: str) -> tuple[list[int], dict[str, float]]:
+        result = cli("score", folder, "--model", model, *options, "--local", "--json", env=env, cwd=root)
         assert result.returncode == 0, result.stderr
         summary = json.loads(result.stdout)
+        if options:  # --tta --threshold 0: every file reaches the cut-off
+            assert summary["tta"] and summary["threshold"] == 0.0 and summary["fake"] == summary["scored"] == 6
         return summary["run_ids"], {os.path.basename(r["path"]): r["p_fake"] for r in summary["predictions"]}
 
     (first,), alone = p_fake(str(ids[0]))
@@ -162,11 +164,15 @@ def test_an_ensemble_scores_the_mean_p_fake_of_its_runs(home, finished_sweep, tm
     for name, p in both.items():
         assert p == pytest.approx((alone[name] + other[name]) / 2, abs=1e-4)
     assert len(set(alone.values())) > 1 and alone != other
+    _, mirrored = p_fake(str(ids[0]), "--tta", "--threshold", "0")
+    assert mirrored.keys() == alone.keys() and mirrored != pytest.approx(alone, abs=1e-4)
 
     result = cli("score", folder, "--model", "top2", "--sweep", "1", env=env, cwd=root)
     assert result.returncode == 2 and "1 succeeded run, fewer than 2" in result.stderr
     result = cli("score", folder, "--model", "worst", env=env, cwd=root)
     assert result.returncode == 2 and "'topN'" in result.stderr
+    result = cli("score", folder, "--threshold", "1.5", env=env, cwd=root)
+    assert result.returncode == 2 and "--threshold" in result.stderr
 
 
 @pytest.mark.slow
@@ -237,7 +243,10 @@ def test_a_cross_validated_sweep_is_evaluated_out_of_fold(home, tmp_path):
     assert report["out_of_fold"] and report["val"]["n"] == 48 and report["test"]["n"] == 12  # 60 faces
     single = json.loads(cli("evaluate", str(runs[0]["id"]), "--json", env=env, cwd=root).stdout)
     assert not single["out_of_fold"] and single["val"]["n"] == 24
-    assert "validation, out of fold" in cli("evaluate", "--top", "1", env=env, cwd=root).stdout
+    human = cli("evaluate", "--top", "1", env=env, cwd=root)
+    assert "validation, out of fold" in human.stdout
+    folds = ",".join(map(str, report["runs"]))  # how to label new files as this judged the test
+    assert f"score FOLDER --model {folds} --threshold {report['threshold']:.4f}" in " ".join(human.stderr.split())
 
 
 def test_a_bad_sweep_is_rejected_before_anything_is_written(home, tmp_path):

@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import functional as F
 
 from realfake.config import SplitConfig, TrainConfig
 from realfake.data import FaceDataset, eval_transform
-from realfake.errors import EvaluationError
+from realfake.errors import EvaluationError, ScoringError
 from realfake.evaluation import Predictions, evaluate_runs, predict, shortcut_free
 from realfake.inference import ModelCache, score_shard
 from realfake.models import fake_probability
@@ -114,6 +114,32 @@ def test_a_run_judges_the_whole_image_when_eval_size_says_so(tmp_path, mobilenet
 
     with pytest.raises(ValidationError, match="eval_size 64 is larger than resize 48"):
         predict(checkpoint, data, test, cache=cache, eval_size=64)
+
+
+def test_a_scoring_job_with_tta_and_a_cut_off_judges_files_as_evaluate_does(tmp_path, mobilenet_weights):
+    """`score --tta --threshold T`: each file's P(fake) is evaluation's flip-TTA one, and it is
+    labelled fake exactly when that reaches T, so scoring reproduces `evaluate --tta` at its cut-off."""
+    factory, data, run_id, checkpoint, _ = _one_epoch_run(tmp_path, mobilenet_weights)
+    every = discover(data)
+    cache = ModelCache(precision="fp32")
+    mirrored = predict(checkpoint, data, every, tta=True, cache=cache)
+    assert not np.allclose(mirrored, predict(checkpoint, data, every, cache=cache), atol=1e-4)
+    ranked = np.sort(mirrored)[::-1]
+
+    for n_fake in (3, 7):  # a cut-off between the n-th and the next highest P(fake)
+        threshold = float(ranked[n_fake - 1] + ranked[n_fake]) / 2
+        with session_scope(factory) as session:
+            job_id = create_scoring_job(session, run_id, data, tta=True, threshold=threshold).id
+        score_shard(factory, job_id, 0, cache=cache)
+        with session_scope(factory) as session:
+            rows = {row.path: row for row in session.query(Prediction).filter_by(job_id=job_id)}
+        assert [rows[s.path].p_fake for s in every] == pytest.approx(mirrored.tolist(), abs=1e-4)
+        assert sorted(s.path for s in every if rows[s.path].label == "fake") == sorted(
+            s.path for s, p in zip(every, mirrored) if p >= threshold)
+        assert sum(row.label == "fake" for row in rows.values()) == n_fake
+
+    with session_scope(factory) as session, pytest.raises(ScoringError, match="threshold 1.5 is not a probability"):
+        create_scoring_job(session, run_id, data, threshold=1.5)
 
 
 def test_five_crops_average_the_corners_and_centre_of_the_training_window(tmp_path, mobilenet_weights):

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -153,6 +154,10 @@ class ScoringJob(Base):
     n_files: Mapped[int] = mapped_column(Integer, default=0)
     n_shards: Mapped[int] = mapped_column(Integer, default=0)
     batch_size: Mapped[int] = mapped_column(Integer, default=64)
+    # how each file is judged, as `evaluate` does: P(fake) also over the mirror image, and the
+    # cut-off for the label (jobs from before these columns were at 0.5, without the mirror)
+    tta: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    threshold: Mapped[float] = mapped_column(Float, default=0.5, server_default="0.5")
     shards: Mapped[list] = mapped_column(JSON, default=list)  # [[relative path, ...], ...]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
