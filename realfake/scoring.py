@@ -45,6 +45,21 @@ def model_checkpoint(run: Run) -> Path:
     raise ScoringError(f"run {run.id} has no checkpoint in {run.checkpoint_dir}")
 
 
+def check_scorable(session: Session, run_ids: Sequence[int]) -> None:
+    """Raise unless every run exists, has a checkpoint, and all share one input size."""
+    inputs = set()
+    for each in run_ids:
+        run = session.get(Run, each)
+        if run is None:
+            raise RunNotFound(f"run {each} does not exist")
+        model_checkpoint(run)
+        config = TrainConfig.model_validate(run.config)
+        inputs.add((config.resize, config.eval_crop))
+    if len(inputs) > 1:
+        raise ScoringError(f"runs {', '.join(map(str, run_ids))} do not share one input size (resize, eval crop): "
+                           f"{sorted(inputs)}; an ensemble scores one decoded image with every model")
+
+
 def create_scoring_job(
     session: Session,
     run_id: int | Sequence[int],
@@ -68,17 +83,7 @@ def create_scoring_job(
         raise ScoringError(f"folder {folder} does not exist or is not a folder")
     if roots:
         ensure_inside(folder, roots)
-    inputs = set()
-    for each in run_ids:
-        run = session.get(Run, each)
-        if run is None:
-            raise RunNotFound(f"run {each} does not exist")
-        model_checkpoint(run)
-        config = TrainConfig.model_validate(run.config)
-        inputs.add((config.resize, config.eval_crop))
-    if len(inputs) > 1:
-        raise ScoringError(f"runs {', '.join(map(str, run_ids))} do not share one input size (resize, eval crop): "
-                           f"{sorted(inputs)}; an ensemble scores one decoded image with every model")
+    check_scorable(session, run_ids)
     files = list_files(folder)
     shards = [files[i : i + shard_size] for i in range(0, len(files), shard_size)]
     job = ScoringJob(

@@ -32,6 +32,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from realfake.config import Settings
 from realfake.errors import USER_ERRORS as LIBRARY_ERRORS
+from realfake.errors import ScoringError
 from realfake.report import (
     best_runs,
     fold_variants,
@@ -40,7 +41,7 @@ from realfake.report import (
     run_detail,
 )
 from realfake.runs import create_sweep, request_cancel
-from realfake.scoring import create_scoring_job, job_progress
+from realfake.scoring import check_scorable, create_scoring_job, job_progress
 from realfake.store import (
     Prediction,
     Run,
@@ -389,6 +390,11 @@ def evaluate(
         from realfake.evaluation import evaluate_runs
 
         result = evaluate_runs(session, runs, tta=tta, threshold=threshold, eval_size=eval_size, crops=crops)
+        try:  # scoring judges each run's own crop, one decoded image for every model
+            check_scorable(session, runs)
+            scorable = not (crops or eval_size)
+        except ScoringError:
+            scorable = False
     if as_json:
         return _print_json(result)
     title = f"run{'s' if len(runs) > 1 else ''} {', '.join(map(str, runs))}{' with TTA' if tta else ''}"
@@ -408,9 +414,9 @@ def evaluate(
         low, high = g["ci95"]
         table.add_row(f"group {group}", str(g["n"]), f"{g['accuracy']:.3f} ({low:.3f}-{high:.3f})", "", "")
     console.print(table)
-    if not (crops or eval_size):  # scoring judges each run's own crop
-        err.print(f"to label new files the same way: realfake-scheduler score FOLDER --model {','.join(map(str, runs))}"
-                  f"{' --tta' if tta else ''} --threshold {result['threshold']:.4f}")
+    if scorable:  # the exact cut-off: it is a validation face's score, and rounding could move a file across
+        err.print(f"to label new files the same way: realfake-scheduler score FOLDER --model "
+                  f"{','.join(map(str, dict.fromkeys(runs)))}{' --tta' if tta else ''} --threshold {result['threshold']!r}")
 
 
 @app.command()

@@ -246,7 +246,7 @@ def test_a_cross_validated_sweep_is_evaluated_out_of_fold(home, tmp_path):
     human = cli("evaluate", "--top", "1", env=env, cwd=root)
     assert "validation, out of fold" in human.stdout
     folds = ",".join(map(str, report["runs"]))  # how to label new files as this judged the test
-    assert f"score FOLDER --model {folds} --threshold {report['threshold']:.4f}" in " ".join(human.stderr.split())
+    assert f"score FOLDER --model {folds} --threshold {report['threshold']!r}" in " ".join(human.stderr.split())
 
 
 def test_a_bad_sweep_is_rejected_before_anything_is_written(home, tmp_path):

@@ -143,6 +143,26 @@ def test_empty_folder_and_missing_folder(tiny_run, tmp_path):
     assert list_files(tmp_path / "empty") == []
 
 
+def test_an_ensemble_of_runs_with_different_input_sizes_is_refused(tiny_run, tmp_path):
+    """One decoded image goes to every model of an ensemble, so they must share resize and crop."""
+    from realfake.errors import ScoringError
+    from realfake.scoring import check_scorable
+    from realfake.store import Run
+
+    factory, run_id = tiny_run
+    with session_scope(factory) as session:
+        trained = session.get(Run, run_id)
+        larger = create_run(session, TrainConfig(**trained.config | {"resize": 48}), Path(trained.data_root),
+                            SplitConfig(val=0.2, test=0.2))
+        larger.checkpoint_dir = trained.checkpoint_dir  # a checkpoint to find; its size is the config's
+        session.flush()
+        check_scorable(session, [run_id, run_id])
+        with pytest.raises(ScoringError, match=r"do not share one input size \(resize, eval crop\): \[\(32, 32\), \(48, 32\)\]"):
+            check_scorable(session, [run_id, larger.id])
+        with pytest.raises(ScoringError, match="do not share one input size"):
+            create_scoring_job(session, [run_id, larger.id], tmp_path)
+
+
 def _spec(data) -> dict:
     return {"name": "h", "data": str(data), "parameters": {"lr": {"values": [1e-3]}},
             "split": {"val": 0.2, "test": 0.2}, "base": {"backbone": "mobilenet_v2", "epochs": 1}}
