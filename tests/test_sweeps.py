@@ -112,7 +112,7 @@ def test_asha_when_lower_is_better():
     assert not should_continue(0.3, losses, 2, higher_is_better=False)
 
 
-@pytest.mark.parametrize("name", ["seed.yaml", "sweep.yaml", "best.yaml", "best-448.yaml", "best-20ep.yaml", "best-cv4.yaml"])
+@pytest.mark.parametrize("name", ["seed.yaml", "sweep.yaml", "best.yaml", "best-448.yaml", "best-20ep.yaml"])
 def test_the_example_sweep_files_are_valid(name):
     from tests.conftest import REPO
 
@@ -125,10 +125,3 @@ def test_the_example_sweep_files_are_valid(name):
             "resnet50", 512, 0.5, 32, 10)
         assert (seed["resize"], seed["image_size"], seed["rotation"], seed["optimizer"]) == (256, 224, 15, "adam")
 
-
-def test_best_cv4_is_best_yaml_cross_validated_over_four_folds():
-    from tests.conftest import REPO
-
-    best, cv4 = (load_spec(REPO / "examples" / name) for name in ("best.yaml", "best-cv4.yaml"))
-    assert cv4.base == best.base and cv4.parameters == best.parameters
-    assert (cv4.split.test, cv4.split.seed, cv4.split.folds, cv4.split.val) == (best.split.test, best.split.seed, 4, None)
