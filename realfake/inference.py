@@ -157,8 +157,8 @@ def score_shard(
             if images is not None:
                 views = [images, images.flip(-1)] if tta else [images]
                 with torch.inference_mode(), runtime.autocast():
-                    # an ensemble's P(fake) is the mean of its models', each over the views
-                    # (the mean over both, as `evaluation.predict` averages them)
+                    # an ensemble's P(fake) is the mean of its models', each the mean over
+                    # the views, as in `evaluation.predict`
                     p_fake = torch.stack(
                         [torch.stack([fake_probability(model(view)) for view in views]).mean(0)
                          for model, _, _ in models]
