@@ -26,7 +26,7 @@ from realfake.data import FaceDataset, eval_transform
 from realfake.errors import EvaluationError
 from realfake.inference import ModelCache
 from realfake.metrics import compute_metrics
-from realfake.models import fake_probability
+from realfake.models import mean_fake_probability
 from realfake.samples import Sample, samples_from_json
 from realfake.scoring import model_checkpoint
 from realfake.store import Run
@@ -62,8 +62,7 @@ def predict(checkpoint: Path, root: Path, samples: Sequence[Sample], tta: bool =
             views = list(five_crop(images, config.image_size)) if crops else [images]
             if tta:
                 views += [view.flip(-1) for view in views]
-            probabilities = [fake_probability(model(view)) for view in views]
-            scores.append(torch.stack(probabilities).mean(0).cpu())
+            scores.append(mean_fake_probability(model, views).cpu())
     return torch.cat(scores).numpy() if scores else np.zeros(0)
 
 

@@ -26,7 +26,7 @@ from realfake.data import (
     normalize_chw,
     read_for_device,
 )
-from realfake.models import build_model, fake_probability, fold_batchnorm
+from realfake.models import build_model, fold_batchnorm, mean_fake_probability
 from realfake.samples import ensure_inside
 from realfake.scoring import model_checkpoint, rows_written
 from realfake.store import (
@@ -157,11 +157,9 @@ def score_shard(
             if images is not None:
                 views = [images, images.flip(-1)] if tta else [images]
                 with torch.inference_mode(), runtime.autocast():
-                    # an ensemble's P(fake) is the mean of its models', each the mean over
-                    # the views, as in `evaluation.predict`
+                    # an ensemble's P(fake) is the mean of its models'
                     p_fake = torch.stack(
-                        [torch.stack([fake_probability(model(view)) for view in views]).mean(0)
-                         for model, _, _ in models]
+                        [mean_fake_probability(model, views) for model, _, _ in models]
                     ).mean(0).cpu().tolist()
             scores = iter(p_fake)
             for rel, ok, error in batch_rows:

@@ -105,6 +105,12 @@ def fake_probability(output: torch.Tensor) -> torch.Tensor:
     return torch.softmax(class_logits(output).float(), dim=1)[:, 1]
 
 
+def mean_fake_probability(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
+    """P(fake) of each sample averaged over views of the same batch (mirror images, crops):
+    evaluation and scoring share it, so `score --tta` gives what `evaluate --tta` judged."""
+    return torch.stack([fake_probability(model(view)) for view in views]).mean(0)
+
+
 def _weights_help(name: str, weights: tvm.WeightsEnum) -> str:
     filename = Path(weights.url).name
     cache = Path(get_dir()) / "checkpoints"

@@ -124,4 +124,3 @@ def test_the_example_sweep_files_are_valid(name):
         assert (seed["backbone"], seed["hidden"], seed["dropout"], seed["batch_size"], seed["epochs"]) == (
             "resnet50", 512, 0.5, 32, 10)
         assert (seed["resize"], seed["image_size"], seed["rotation"], seed["optimizer"]) == (256, 224, 15, "adam")
-
