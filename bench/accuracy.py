@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 from sqlalchemy import select
 
-from realfake.config import Settings, SplitConfig
+from realfake.config import Settings, SplitConfig, decoded_cache_dir
 from realfake.evaluation import evaluate_runs
 from realfake.inference import ModelCache
 from realfake.store import (
@@ -124,6 +124,7 @@ def main() -> None:
     factory = session_factory(engine)
 
     results, cache, memo = {}, ModelCache(), {}  # each run predicted once per view
+    decoded = decoded_cache_dir(settings.artifacts)  # the faces as training decoded them
     every_run: list[int] = []
     for recipe in args.recipes:
         backbone = args.seed_backbone if recipe.stem == "seed" else None
@@ -163,23 +164,23 @@ def main() -> None:
         per_recipe = {}
         with session_scope(factory) as session:
             for label, options in variants.items():
-                per_recipe[label] = [evaluate_runs(session, [run_id], cache=cache, memo=memo, **options)
+                per_recipe[label] = [evaluate_runs(session, [run_id], cache=cache, memo=memo, decoded_dir=decoded, **options)
                                      for run_id in run_ids]
             if folds and len(args.seeds) > 1:  # one sweep of the recipe gives one seed's K runs
                 per_recipe["each seed's ensemble of its folds, val + TTA"] = [
-                    evaluate_runs(session, seed_runs, tta=True, cache=cache, memo=memo)
+                    evaluate_runs(session, seed_runs, tta=True, cache=cache, memo=memo, decoded_dir=decoded)
                     for seed_runs in runs_by_seed(session, run_ids)
                 ]
             per_recipe[f"ensemble of the {members}, val + TTA"] = [
-                evaluate_runs(session, run_ids, tta=True, cache=cache, memo=memo)
+                evaluate_runs(session, run_ids, tta=True, cache=cache, memo=memo, decoded_dir=decoded)
             ]
             for size in larger:
                 per_recipe[f"ensemble of the {members}, centre crop {size} px, val"] = [
-                    evaluate_runs(session, run_ids, cache=cache, memo=memo, eval_size=size)
+                    evaluate_runs(session, run_ids, cache=cache, memo=memo, decoded_dir=decoded, eval_size=size)
                 ]
             if larger:
                 per_recipe[f"ensemble of the {members}, five crops + TTA, val"] = [
-                    evaluate_runs(session, run_ids, tta=True, cache=cache, memo=memo, crops=True)
+                    evaluate_runs(session, run_ids, tta=True, cache=cache, memo=memo, decoded_dir=decoded, crops=True)
                 ]
         results[recipe.stem] = per_recipe
         every_run += run_ids
@@ -188,7 +189,7 @@ def main() -> None:
         with session_scope(factory) as session:
             results["+".join(recipe.stem for recipe in args.recipes)] = {
                 "ensemble of every recipe's seeds, val + TTA": [
-                    evaluate_runs(session, every_run, tta=True, cache=cache, memo=memo)]}
+                    evaluate_runs(session, every_run, tta=True, cache=cache, memo=memo, decoded_dir=decoded)]}
 
     groups = sorted({g for r in results.values() for v in r.values() for e in v for g in e["test"]["groups"]})
     header = ["recipe", "evaluation", "n", "val ROC-AUC", "test acc", "test ROC-AUC", "test F1", "shortcut-free acc", *groups]

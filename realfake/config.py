@@ -176,6 +176,11 @@ class SplitConfig(BaseModel):
         return self
 
 
+def decoded_cache_dir(artifacts: Path | str) -> Path:
+    """Where runs keep their decoded, resized images (`data.DecodedCache`); evaluation reads them too."""
+    return Path(artifacts) / "cache"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where things live, taken from the environment; embedded defaults when unset."""

@@ -9,6 +9,7 @@ fakes whose JPEG quantization tables also occur among the reals: see `realfake.a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from torchvision.transforms.v2.functional import five_crop
 
 from realfake.audit import image_metadata
 from realfake.config import TrainConfig
-from realfake.data import FaceDataset, eval_transform
+from realfake.data import DecodedCache, FaceDataset, eval_transform
 from realfake.errors import EvaluationError
 from realfake.inference import ModelCache
 from realfake.metrics import compute_metrics
@@ -30,6 +31,8 @@ from realfake.models import mean_fake_probability
 from realfake.samples import Sample, samples_from_json
 from realfake.scoring import model_checkpoint
 from realfake.store import Run
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,13 +42,18 @@ class Predictions:
 
 
 def predict(checkpoint: Path, root: Path, samples: Sequence[Sample], tta: bool = False,
-            cache: ModelCache | None = None, eval_size: int | None = None, crops: bool = False) -> np.ndarray:
+            cache: ModelCache | None = None, eval_size: int | None = None, crops: bool = False,
+            decoded_dir: Path | None = None) -> np.ndarray:
     """P(fake) of each sample; with `tta`, the mean over the image and its mirror image.
 
     `eval_size`: centre crop instead of the run's own (up to its resize: the whole image).
     `crops`: the mean over five crops of the training size (the four corners and the centre)
     of the square the training crops came from (`eval_size`, else `crop_within`, else the
     whole resized image); with `tta`, each is mirrored too.
+    `decoded_dir`: where training keeps its decoded, resized images (`DecodedCache`; the
+    artifacts' `cache` folder). Its runs' validation and test faces are read from there
+    instead of decoded again, for every run and view; a list not yet there is decoded into it
+    once. The pixels are the same; the run's `decode_cache: false` turns it off.
     """
     model, config, runtime = (cache or ModelCache()).get(checkpoint)
     if crops:
@@ -54,7 +62,14 @@ def predict(checkpoint: Path, root: Path, samples: Sequence[Sample], tta: bool =
             raise EvaluationError(f"five crops of {config.image_size} px need a larger square than {eval_size} px")
     if eval_size is not None:
         config = TrainConfig.model_validate(config.model_dump() | {"eval_size": eval_size})
-    loader = torch.utils.data.DataLoader(FaceDataset(root, samples, eval_transform(config)), batch_size=64)
+    decoded = None
+    if decoded_dir is not None and config.decode_cache and samples:
+        try:
+            decoded = DecodedCache(Path(decoded_dir), root, samples, config).ensure()
+        except OSError as error:  # e.g. a read-only artifacts folder: decode the files instead
+            log.warning("decoded images not cached in %s (%s): decoding the files", decoded_dir, error)
+    dataset = FaceDataset(root, samples, eval_transform(config, resized=decoded is not None), decoded)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
     scores = []
     with torch.inference_mode(), runtime.autocast():
         for images, _, _ in loader:
@@ -104,7 +119,7 @@ def summarize(samples: Sequence[Sample], scores: np.ndarray, threshold: float) -
 
 def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, threshold: str = "val",
                   cache: ModelCache | None = None, memo: dict | None = None, eval_size: int | None = None,
-                  crops: bool = False) -> dict:
+                  crops: bool = False, decoded_dir: Path | None = None) -> dict:
     """Test metrics of one run, or of the mean P(fake) of several that share data and test split.
 
     Validation scores each face with the runs that held it out: every run, for runs that
@@ -114,6 +129,7 @@ def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, t
     `eval_size`: the centre crop to evaluate on, instead of each run's own (see `predict`).
     `crops`: the mean over five crops of each run's training size (see `predict`).
     `memo`: a dict kept across calls, so each run's predictions are computed once.
+    `decoded_dir`: training's decoded images, read instead of the files (see `predict`).
     """
     runs = [session.get(Run, run_id) for run_id in run_ids]
     missing = [run_id for run_id, run in zip(run_ids, runs) if run is None]
@@ -130,8 +146,8 @@ def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, t
         if (run.id, tta, eval_size, crops) not in memo:
             checkpoint = model_checkpoint(run)
             memo[run.id, tta, eval_size, crops] = Predictions(
-                val=predict(checkpoint, root, parts[run.id].get("val", []), tta, cache, eval_size, crops),
-                test=predict(checkpoint, root, test_samples, tta, cache, eval_size, crops),
+                val=predict(checkpoint, root, parts[run.id].get("val", []), tta, cache, eval_size, crops, decoded_dir),
+                test=predict(checkpoint, root, test_samples, tta, cache, eval_size, crops, decoded_dir),
             )
     predictions = [memo[run.id, tta, eval_size, crops] for run in runs]
     val_samples = sorted({s for run in runs for s in parts[run.id].get("val", [])})

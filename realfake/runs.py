@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from realfake.config import SplitConfig, TrainConfig
+from realfake.config import SplitConfig, TrainConfig, decoded_cache_dir
 from realfake.errors import RunNotFound, SpecError
 from realfake.hooks import BestSoFar, FitResult, TrainHooks
 from realfake.metrics import Metrics
@@ -402,7 +402,7 @@ def train_run(
     hooks.heartbeat = Heartbeat(factory, lease, heartbeat_s)
     hooks.heartbeat.start()
     try:
-        result = fit(config, data_root, split, ckpt, hooks, cache_dir=Path(artifacts) / "cache")
+        result = fit(config, data_root, split, ckpt, hooks, cache_dir=decoded_cache_dir(artifacts))
     except LeaseLost:
         log.warning("run %d: lease lost, leaving it to its new worker", run_id)
         return None

@@ -30,7 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from realfake.config import Settings
+from realfake.config import Settings, decoded_cache_dir
 from realfake.errors import USER_ERRORS as LIBRARY_ERRORS
 from realfake.errors import ScoringError
 from realfake.report import (
@@ -381,7 +381,8 @@ def evaluate(
                 raise ValueError
         except ValueError:
             raise typer.BadParameter(f"must be 'val' or a number in [0, 1], not {threshold!r}", param_hint="--threshold")
-    with session_scope(_database(_settings())) as session:
+    settings = _settings()
+    with session_scope(_database(settings)) as session:
         if top is not None:
             runs = _best_runs(session, sweep, top)
         if not runs:
@@ -389,7 +390,8 @@ def evaluate(
         # torch: only the commands that run models load it
         from realfake.evaluation import evaluate_runs
 
-        result = evaluate_runs(session, runs, tta=tta, threshold=threshold, eval_size=eval_size, crops=crops)
+        result = evaluate_runs(session, runs, tta=tta, threshold=threshold, eval_size=eval_size, crops=crops,
+                               decoded_dir=decoded_cache_dir(settings.artifacts))
         try:  # scoring judges each run's own crop, one decoded image for every model
             check_scorable(session, runs)
             scorable = not (crops or eval_size)

@@ -9,7 +9,8 @@ from PIL import Image
 from pydantic import ValidationError
 from torchvision.transforms.v2 import functional as F
 
-from realfake.config import SplitConfig, TrainConfig
+from realfake import data as data_module
+from realfake.config import SplitConfig, TrainConfig, decoded_cache_dir
 from realfake.data import FaceDataset, eval_transform
 from realfake.errors import EvaluationError, ScoringError
 from realfake.evaluation import Predictions, evaluate_runs, predict, shortcut_free
@@ -140,6 +141,44 @@ def test_a_scoring_job_with_tta_and_a_cut_off_judges_files_as_evaluate_does(tmp_
 
     with session_scope(factory) as session, pytest.raises(ScoringError, match="threshold 1.5 is not a probability"):
         create_scoring_job(session, run_id, data, threshold=1.5)
+
+
+def test_evaluation_reads_the_faces_training_decoded_and_judges_them_the_same(tmp_path, mobilenet_weights,
+                                                                              monkeypatch, caplog):
+    """With training's decoded-image folder, evaluation gives the P(fake) it gives from the files
+    without decoding the run's faces again; a list training never saw is decoded into it once;
+    a folder it cannot write to leaves it decoding the files."""
+    factory, data, run_id, checkpoint, test = _one_epoch_run(tmp_path, mobilenet_weights)
+    decoded_dir = decoded_cache_dir(tmp_path / "artifacts")
+    cache = ModelCache(precision="fp32")
+    from_files = predict(checkpoint, data, test, tta=True, cache=cache)
+    with session_scope(factory) as session:
+        judged_from_files = evaluate_runs(session, [run_id], tta=True, cache=cache)
+
+    decoded = []
+    load_rgb = data_module.load_rgb
+    monkeypatch.setattr(data_module, "load_rgb", lambda path: decoded.append(path) or load_rgb(path))
+    assert predict(checkpoint, data, test, tta=True, cache=cache, decoded_dir=decoded_dir) == pytest.approx(
+        from_files.tolist(), abs=1e-6)
+    with session_scope(factory) as session:
+        judged = evaluate_runs(session, [run_id], tta=True, cache=cache, decoded_dir=decoded_dir)
+    assert decoded == []  # validation and test faces, as the training run stored them
+    assert judged["threshold"] == judged_from_files["threshold"]
+    assert judged["test"]["accuracy"] == judged_from_files["test"]["accuracy"]
+    assert judged["val"]["roc_auc"] == pytest.approx(judged_from_files["val"]["roc_auc"], abs=1e-9)
+
+    every = discover(data)
+    first = predict(checkpoint, data, every, cache=cache, decoded_dir=decoded_dir)
+    assert len(decoded) == len(every)
+    assert predict(checkpoint, data, every, cache=cache, decoded_dir=decoded_dir) == pytest.approx(first.tolist(), abs=1e-6)
+    assert len(decoded) == len(every)  # the second time from the folder
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with caplog.at_level("WARNING", logger="realfake.evaluation"):
+        assert predict(checkpoint, data, test, tta=True, cache=cache, decoded_dir=blocked / "cache") == pytest.approx(
+            from_files.tolist(), abs=1e-6)
+    assert "decoding the files" in caplog.text
 
 
 def test_five_crops_average_the_corners_and_centre_of_the_training_window(tmp_path, mobilenet_weights):
