@@ -10,7 +10,7 @@ fakes whose JPEG quantization tables also occur among the reals: see `realfake.a
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,7 @@ class Predictions:
 
 def predict(checkpoint: Path, root: Path, samples: Sequence[Sample], tta: bool = False,
             cache: ModelCache | None = None, eval_size: int | None = None, crops: bool = False,
-            decoded_dir: Path | None = None) -> np.ndarray:
+            decoded_dir: Path | None = None, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """P(fake) of each sample; with `tta`, the mean over the image and its mirror image.
 
     `eval_size`: centre crop instead of the run's own (up to its resize: the whole image).
@@ -54,6 +54,7 @@ def predict(checkpoint: Path, root: Path, samples: Sequence[Sample], tta: bool =
     artifacts' `cache` folder). Its runs' validation and test faces are read from there
     instead of decoded again, for every run and view; a list not yet there is decoded into it
     once. The pixels are the same; the run's `decode_cache: false` turns it off.
+    `on_batch`: called with the number of faces of each batch once it is judged.
     """
     model, config, runtime = (cache or ModelCache()).get(checkpoint)
     if crops:
@@ -78,6 +79,8 @@ def predict(checkpoint: Path, root: Path, samples: Sequence[Sample], tta: bool =
             if tta:
                 views += [view.flip(-1) for view in views]
             scores.append(mean_fake_probability(model, views).cpu())
+            if on_batch:
+                on_batch(len(images))
     return torch.cat(scores).numpy() if scores else np.zeros(0)
 
 
@@ -119,7 +122,8 @@ def summarize(samples: Sequence[Sample], scores: np.ndarray, threshold: float) -
 
 def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, threshold: str = "val",
                   cache: ModelCache | None = None, memo: dict | None = None, eval_size: int | None = None,
-                  crops: bool = False, decoded_dir: Path | None = None) -> dict:
+                  crops: bool = False, decoded_dir: Path | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> dict:
     """Test metrics of one run, or of the mean P(fake) of several that share data and test split.
 
     Validation scores each face with the runs that held it out: every run, for runs that
@@ -130,6 +134,7 @@ def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, t
     `crops`: the mean over five crops of each run's training size (see `predict`).
     `memo`: a dict kept across calls, so each run's predictions are computed once.
     `decoded_dir`: training's decoded images, read instead of the files (see `predict`).
+    `progress`: called with (faces judged, faces to judge) as the runs' predictions come in.
     """
     runs = [session.get(Run, run_id) for run_id in run_ids]
     missing = [run_id for run_id, run in zip(run_ids, runs) if run is None]
@@ -142,13 +147,21 @@ def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, t
     if not test_samples:
         raise EvaluationError(f"run {runs[0].id} has no test split")
     cache, memo = cache or ModelCache(), {} if memo is None else memo
-    for run in runs:
-        if (run.id, tta, eval_size, crops) not in memo:
-            checkpoint = model_checkpoint(run)
-            memo[run.id, tta, eval_size, crops] = Predictions(
-                val=predict(checkpoint, root, parts[run.id].get("val", []), tta, cache, eval_size, crops, decoded_dir),
-                test=predict(checkpoint, root, test_samples, tta, cache, eval_size, crops, decoded_dir),
-            )
+    to_judge = list({run.id: run for run in runs if (run.id, tta, eval_size, crops) not in memo}.values())
+    total, done = sum(len(parts[run.id].get("val", [])) + len(test_samples) for run in to_judge), 0
+
+    def judged(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(done, total)
+
+    for run in to_judge:
+        checkpoint = model_checkpoint(run)
+        on_batch = judged if progress else None
+        memo[run.id, tta, eval_size, crops] = Predictions(
+            val=predict(checkpoint, root, parts[run.id].get("val", []), tta, cache, eval_size, crops, decoded_dir, on_batch),
+            test=predict(checkpoint, root, test_samples, tta, cache, eval_size, crops, decoded_dir, on_batch),
+        )
     predictions = [memo[run.id, tta, eval_size, crops] for run in runs]
     val_samples = sorted({s for run in runs for s in parts[run.id].get("val", [])})
     row = {sample: i for i, sample in enumerate(val_samples)}

@@ -390,8 +390,11 @@ def evaluate(
         # torch: only the commands that run models load it
         from realfake.evaluation import evaluate_runs
 
-        result = evaluate_runs(session, runs, tta=tta, threshold=threshold, eval_size=eval_size, crops=crops,
-                               decoded_dir=decoded_cache_dir(settings.artifacts))
+        with Progress(*PROGRESS_COLUMNS, console=err) as bar:
+            task = bar.add_task("faces judged", total=None)
+            result = evaluate_runs(session, runs, tta=tta, threshold=threshold, eval_size=eval_size, crops=crops,
+                                   decoded_dir=decoded_cache_dir(settings.artifacts),
+                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
         try:  # scoring judges each run's own crop, one decoded image for every model
             check_scorable(session, runs)
             scorable = not (crops or eval_size)

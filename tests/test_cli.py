@@ -192,6 +192,7 @@ def test_evaluate_reports_the_test_split_per_group_and_shortcut_free(home, finis
     # the strong run has learnt (chance is 0.5); one face of 40 is 0.025, and the exact count
     # moves with the CPU's float kernels (0.875 on one machine, 0.9 and more on another)
     assert test["accuracy"] >= 0.8 and 0.0 <= report["threshold"] <= 1.0
+    assert "faces judged" in result.stderr and "80/80" in result.stderr  # the bar: 40 validation + 40 test faces
     # every synthetic image is saved at one JPEG quality: nothing is left out as a shortcut
     assert report["test_shortcut_free"]["n"] == test["n"]
 

@@ -181,6 +181,23 @@ def test_evaluation_reads_the_faces_training_decoded_and_judges_them_the_same(tm
     assert "decoding the files" in caplog.text
 
 
+def test_evaluation_reports_progress_in_faces_judged(tmp_path, mobilenet_weights):
+    """`evaluate` draws a progress bar from these calls: faces judged so far out of every face
+    the runs still have to judge (validation and test, each run once)."""
+    factory, data, run_id, _, test = _one_epoch_run(tmp_path, mobilenet_weights)
+    calls, memo = [], {}
+    with session_scope(factory) as session:
+        val = samples_from_json(session.get(Run, run_id).split)["val"]
+        evaluate_runs(session, [run_id, run_id], tta=True, memo=memo, progress=lambda *call: calls.append(call))
+        assert {total for _, total in calls} == {len(val) + len(test)}
+        done = [d for d, _ in calls]
+        assert done == sorted(set(done)) and done[-1] == len(val) + len(test)
+
+        calls.clear()  # predictions already in the memo: nothing left to judge
+        evaluate_runs(session, [run_id], tta=True, memo=memo, progress=lambda *call: calls.append(call))
+        assert calls == []
+
+
 def test_five_crops_average_the_corners_and_centre_of_the_training_window(tmp_path, mobilenet_weights):
     """Trained on 32-px crops inside the centre 40 px of 48-px faces: `crops` is the mean
     P(fake) of the four corner crops and the centre crop of that 40-px square, each mirrored
