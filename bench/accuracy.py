@@ -10,7 +10,9 @@ seeds (an ensemble). A recipe with `split: {folds: K}` trains each seed once per
 ensembles are judged on validation out of fold (every face outside test), and with several
 seeds each seed's K runs are also averaged on their own, the model one sweep of it gives. Sweeps already
 finished in `--home` under the same name are reused, so the evaluation can be re-run
-without training again.
+without training again. The evaluation reads the faces training decoded (the artifacts'
+`cache`), judges the recipe's ensemble with TTA first and writes `--out` after every row, so
+a bench stopped by a deadline keeps what it measured.
 
     make accuracy                                 # both recipes, seeds 0 1 2 (about 2 h on 2 CPU cores)
     python bench/accuracy.py                      # the same, where TORCH_HOME holds the ImageNet weights
@@ -96,6 +98,12 @@ def runs_by_seed(session, run_ids: list[int]) -> list[list[int]]:
     return [by_seed[seed] for seed in sorted(by_seed)]
 
 
+def save(out: Path, results: dict) -> None:
+    """Merge into the JSON file: recipes measured in an earlier run stay unless measured again."""
+    earlier = json.loads(out.read_text()) if out.exists() else {}
+    out.write_text(json.dumps(earlier | results, indent=1))
+
+
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -161,27 +169,28 @@ def main() -> None:
             variants[f"centre crop {size} px, cut-off on val"] = dict(tta=False, threshold="val", eval_size=size)
         if larger:  # the mean over five training-size crops of that square, each mirrored too
             variants["five crops + TTA, cut-off on val"] = dict(tta=True, threshold="val", crops=True)
-        per_recipe = {}
+        # (label, run sets, options) in the order of the table
+        planned = [(label, [[run_id] for run_id in run_ids], options) for label, options in variants.items()]
+        if folds and len(args.seeds) > 1:  # one sweep of the recipe gives one seed's K runs
+            with session_scope(factory) as session:
+                planned.append(("each seed's ensemble of its folds, val + TTA", runs_by_seed(session, run_ids), dict(tta=True)))
+        planned.append((f"ensemble of the {members}, val + TTA", [run_ids], dict(tta=True)))
+        for size in larger:
+            planned.append((f"ensemble of the {members}, centre crop {size} px, val", [run_ids], dict(eval_size=size)))
+        if larger:
+            planned.append((f"ensemble of the {members}, five crops + TTA, val", [run_ids], dict(tta=True, crops=True)))
+        # The ensemble with TTA first (the figure that decides a cross-validated recipe; its views
+        # serve the single runs' TTA rows too), and the JSON written after each row: a bench
+        # stopped by a deadline keeps what it measured.
+        decisive = f"ensemble of the {members}, val + TTA"
+        measured = {}
         with session_scope(factory) as session:
-            for label, options in variants.items():
-                per_recipe[label] = [evaluate_runs(session, [run_id], cache=cache, memo=memo, decoded_dir=decoded, **options)
-                                     for run_id in run_ids]
-            if folds and len(args.seeds) > 1:  # one sweep of the recipe gives one seed's K runs
-                per_recipe["each seed's ensemble of its folds, val + TTA"] = [
-                    evaluate_runs(session, seed_runs, tta=True, cache=cache, memo=memo, decoded_dir=decoded)
-                    for seed_runs in runs_by_seed(session, run_ids)
-                ]
-            per_recipe[f"ensemble of the {members}, val + TTA"] = [
-                evaluate_runs(session, run_ids, tta=True, cache=cache, memo=memo, decoded_dir=decoded)
-            ]
-            for size in larger:
-                per_recipe[f"ensemble of the {members}, centre crop {size} px, val"] = [
-                    evaluate_runs(session, run_ids, cache=cache, memo=memo, decoded_dir=decoded, eval_size=size)
-                ]
-            if larger:
-                per_recipe[f"ensemble of the {members}, five crops + TTA, val"] = [
-                    evaluate_runs(session, run_ids, tta=True, cache=cache, memo=memo, decoded_dir=decoded, crops=True)
-                ]
+            for label, run_sets, options in sorted(planned, key=lambda plan: plan[0] != decisive):
+                measured[label] = [evaluate_runs(session, runs, cache=cache, memo=memo, decoded_dir=decoded, **options)
+                                   for runs in run_sets]
+                per_recipe = {done: measured[done] for done, _, _ in planned if done in measured}
+                save(args.out, results | {recipe.stem: per_recipe})
+                print(f"{name}: {label} judged", flush=True)
         results[recipe.stem] = per_recipe
         every_run += run_ids
 
@@ -211,9 +220,7 @@ def main() -> None:
     first = next(iter(results.values()))["cut-off 0.5"][0]["test"]
     print(f"\ntest split: {first['n']} faces; per group n = "
           + ", ".join(f"{g} {v['n']}" for g, v in first["groups"].items()))
-    # recipes measured in an earlier run stay in the file unless measured again
-    earlier = json.loads(args.out.read_text()) if args.out.exists() else {}
-    args.out.write_text(json.dumps(earlier | results, indent=1))
+    save(args.out, results)
     print(f"every figure, with 95% intervals per run: {args.out}")
 
 
