@@ -99,9 +99,12 @@ def runs_by_seed(session, run_ids: list[int]) -> list[list[int]]:
 
 
 def save(out: Path, results: dict) -> None:
-    """Merge into the JSON file: recipes measured in an earlier run stay unless measured again."""
+    """Merge into the JSON file: recipes measured in an earlier run stay unless measured again.
+    Written beside it and renamed, so a bench killed while writing leaves the old file whole."""
     earlier = json.loads(out.read_text()) if out.exists() else {}
-    out.write_text(json.dumps(earlier | results, indent=1))
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(earlier | results, indent=1))
+    os.replace(tmp, out)
 
 
 def spread(values: list[float]) -> str:

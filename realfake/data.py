@@ -228,17 +228,20 @@ def decode_on_device(
 
 class DecodedCache:
     """Decoded, resized images of one list of samples, stored once under `folder` and reused
-    by every epoch and every run of a sweep (they share the split).
+    by every epoch and every run of a sweep (they share the split), and by their evaluation.
 
-    The folder's name is a hash of the resize and of each file's path, size and modification
-    time, so a changed, added or removed file makes a new cache. It is built in a temporary
-    folder and renamed into place: runs building it at once never see half of it.
+    The folder's name is a hash of `FORMAT`, the resize and each file's path, size and
+    modification time, so a changed, added or removed file makes a new cache. It is built in a
+    temporary folder and renamed into place: runs building it at once never see half of it,
+    and a build that fails leaves nothing behind.
     """
+
+    FORMAT = 1  # raise when load_rgb or resize_steps change the pixels, so old caches go unread
 
     def __init__(self, folder: Path, root: Path, samples: Sequence[Sample], config: TrainConfig):
         self.root, self.samples, self.config = Path(root), list(samples), config
         listing = [(s.path, (st := (self.root / s.path).stat()).st_size, st.st_mtime_ns) for s in self.samples]
-        key = hashlib.sha256(json.dumps([config.resize, listing]).encode()).hexdigest()[:20]
+        key = hashlib.sha256(json.dumps([self.FORMAT, config.resize, listing]).encode()).hexdigest()[:20]
         self.dir = Path(folder) / f"{key}-{config.resize}"
 
     def ensure(self, threads: int = 4) -> DecodedCache:
@@ -252,9 +255,13 @@ class DecodedCache:
             pixels = resize(load_rgb(self.root / self.samples[index].path))
             np.save(tmp / f"{index}.npy", pixels.numpy())
 
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(store, range(len(self.samples))))
-        (tmp / "complete").touch()
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(store, range(len(self.samples))))
+            (tmp / "complete").touch()
+        except BaseException:  # a full disk, a bad file, an interrupt: no half-built folder left
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             os.rename(tmp, self.dir)
         except OSError:  # another run finished the same cache first

@@ -65,10 +65,16 @@ def predict(checkpoint: Path, root: Path, samples: Sequence[Sample], tta: bool =
         config = TrainConfig.model_validate(config.model_dump() | {"eval_size": eval_size})
     decoded = None
     if decoded_dir is not None and config.decode_cache and samples:
+        decoded = DecodedCache(Path(decoded_dir), root, samples, config)
+        if not (decoded.dir / "complete").exists():
+            log.info("decoding %d faces into %s, once", len(samples), decoded.dir)
         try:
-            decoded = DecodedCache(Path(decoded_dir), root, samples, config).ensure()
-        except OSError as error:  # e.g. a read-only artifacts folder: decode the files instead
+            decoded.ensure()
+        except OSError as error:
+            if not (error.filename and Path(error.filename).is_relative_to(decoded_dir)):
+                raise  # about an image, not the folder: decoding the files would fail the same way
             log.warning("decoded images not cached in %s (%s): decoding the files", decoded_dir, error)
+            decoded = None
     dataset = FaceDataset(root, samples, eval_transform(config, resized=decoded is not None), decoded)
     loader = torch.utils.data.DataLoader(dataset, batch_size=64)
     scores = []
@@ -149,6 +155,8 @@ def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, t
     cache, memo = cache or ModelCache(), {} if memo is None else memo
     to_judge = list({run.id: run for run in runs if (run.id, tta, eval_size, crops) not in memo}.values())
     total, done = sum(len(parts[run.id].get("val", [])) + len(test_samples) for run in to_judge), 0
+    if progress and to_judge:
+        progress(done, total)
 
     def judged(n: int) -> None:
         nonlocal done

@@ -87,8 +87,8 @@ def _one_epoch_run(tmp_path, weights, **options):
     migrate(engine)
     factory = session_factory(engine)
     data = make_synthetic(tmp_path / "data", per_class=10, size=48)
-    config = TrainConfig(backbone="mobilenet_v2", weights=str(weights), resize=48, image_size=32,
-                         epochs=1, batch_size=8, **options)
+    config = TrainConfig(**{"backbone": "mobilenet_v2", "weights": str(weights), "resize": 48, "image_size": 32,
+                            "epochs": 1, "batch_size": 8} | options)
     with session_scope(factory) as session:
         run_id = create_run(session, config, data, SplitConfig(val=0.2, test=0.2)).id
     train_run(factory, run_id, tmp_path / "artifacts")
@@ -148,10 +148,13 @@ def test_evaluation_reads_the_faces_training_decoded_and_judges_them_the_same(tm
     """With training's decoded-image folder, evaluation gives the P(fake) it gives from the files
     without decoding the run's faces again; a list training never saw is decoded into it once;
     a folder it cannot write to leaves it decoding the files."""
-    factory, data, run_id, checkpoint, test = _one_epoch_run(tmp_path, mobilenet_weights)
+    # 48-px faces resized to 40: the cache holds resized pixels, the files are resized on reading
+    factory, data, run_id, checkpoint, test = _one_epoch_run(tmp_path, mobilenet_weights, resize=40)
     decoded_dir = decoded_cache_dir(tmp_path / "artifacts")
     cache = ModelCache(precision="fp32")
     from_files = predict(checkpoint, data, test, tta=True, cache=cache)
+    views = [dict(eval_size=40), dict(crops=True, tta=True)]
+    other_views = [predict(checkpoint, data, test, cache=cache, **view) for view in views]
     with session_scope(factory) as session:
         judged_from_files = evaluate_runs(session, [run_id], tta=True, cache=cache)
 
@@ -160,6 +163,9 @@ def test_evaluation_reads_the_faces_training_decoded_and_judges_them_the_same(tm
     monkeypatch.setattr(data_module, "load_rgb", lambda path: decoded.append(path) or load_rgb(path))
     assert predict(checkpoint, data, test, tta=True, cache=cache, decoded_dir=decoded_dir) == pytest.approx(
         from_files.tolist(), abs=1e-6)
+    for view, expected in zip(views, other_views):
+        assert predict(checkpoint, data, test, cache=cache, decoded_dir=decoded_dir, **view) == pytest.approx(
+            expected.tolist(), abs=1e-6)
     with session_scope(factory) as session:
         judged = evaluate_runs(session, [run_id], tta=True, cache=cache, decoded_dir=decoded_dir)
     assert decoded == []  # validation and test faces, as the training run stored them
@@ -179,6 +185,14 @@ def test_evaluation_reads_the_faces_training_decoded_and_judges_them_the_same(tm
         assert predict(checkpoint, data, test, tta=True, cache=cache, decoded_dir=blocked / "cache") == pytest.approx(
             from_files.tolist(), abs=1e-6)
     assert "decoding the files" in caplog.text
+
+    broken = data / test[0].path
+    broken.write_bytes(b"not a JPEG")  # an image it cannot read is an error, not a folder problem
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="realfake.evaluation"), pytest.raises(OSError, match="cannot identify image"):
+        predict(checkpoint, data, test, cache=cache, decoded_dir=decoded_dir)
+    assert "not cached" not in caplog.text
+    assert [p.name for p in decoded_dir.iterdir() if p.name.endswith(".tmp")] == []  # no half-built folder
 
 
 def test_evaluation_reports_progress_in_faces_judged(tmp_path, mobilenet_weights):
