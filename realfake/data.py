@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -21,6 +22,8 @@ from torchvision.transforms.v2 import functional as F
 
 from realfake.config import TrainConfig
 from realfake.samples import Sample
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -247,6 +250,7 @@ class DecodedCache:
     def ensure(self, threads: int = 4) -> DecodedCache:
         if (self.dir / "complete").exists():
             return self
+        log.info("decoding %d images into %s, once", len(self.samples), self.dir)
         tmp = self.dir.with_name(f".{self.dir.name}.{os.getpid()}.tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         resize = v2.Compose(resize_steps(self.config))

@@ -66,8 +66,6 @@ def predict(checkpoint: Path, root: Path, samples: Sequence[Sample], tta: bool =
     decoded = None
     if decoded_dir is not None and config.decode_cache and samples:
         decoded = DecodedCache(Path(decoded_dir), root, samples, config)
-        if not (decoded.dir / "complete").exists():
-            log.info("decoding %d faces into %s, once", len(samples), decoded.dir)
         try:
             decoded.ensure()
         except OSError as error:
@@ -163,9 +161,9 @@ def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, t
         done += n
         progress(done, total)
 
+    on_batch = judged if progress else None
     for run in to_judge:
         checkpoint = model_checkpoint(run)
-        on_batch = judged if progress else None
         memo[run.id, tta, eval_size, crops] = Predictions(
             val=predict(checkpoint, root, parts[run.id].get("val", []), tta, cache, eval_size, crops, decoded_dir, on_batch),
             test=predict(checkpoint, root, test_samples, tta, cache, eval_size, crops, decoded_dir, on_batch),
