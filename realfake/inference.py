@@ -72,11 +72,12 @@ class ModelCache:
 
 
 def _load(folder: Path, rel: str, roots: Sequence[Path], load: Callable[[Path, int, int], object],
-          config: TrainConfig) -> tuple[Path | None, object, str | None]:
-    """`load` applied to a file inside the roots: (path, what it returned, None) or the error."""
+          inputs: Sequence[tuple[int, int]]) -> tuple[Path | None, dict | None, str | None]:
+    """`load` applied to a file inside the roots at each (resize, crop) of `inputs`:
+    (path, {input: what it returned}, None) or the error."""
     try:
         path = ensure_inside(folder / rel, roots)
-        return path, load(path, config.resize, config.eval_crop), None
+        return path, {size: load(path, *size) for size in inputs}, None
     except Exception as error:  # any unreadable file is a row with its error, not a failed shard
         return None, None, f"{type(error).__name__}: {error}"
 
@@ -140,32 +141,43 @@ def score_shard(
             job.status = JobStatus.RUNNING
     cache.capacity = max(cache.capacity, len(checkpoints))
     models = [cache.get(checkpoint) for checkpoint in checkpoints]
-    _, config, runtime = models[0]
+    # An ensemble's runs may differ in input size (a sweep over resolution): each image is
+    # decoded once per (resize, crop) and every model sees its own.
+    by_input: dict[tuple[int, int], list[tuple[nn.Module, TrainConfig, Runtime]]] = {}
+    for model, config, runtime in models:
+        by_input.setdefault((config.resize, config.eval_crop), []).append((model, config, runtime))
     allowed = list(roots) or [folder]
     rows = []
     threads = threads or min(8, (os.cpu_count() or 2) * 2)
     with ThreadPoolExecutor(threads) as pool:
-        # reading (and CPU decoding) threads run ahead while the model works on the previous batch
+        # reading (and CPU decoding) threads run ahead while the models work on the previous batch
         load = read_for_device if device_decode else load_for_eval
-        loaded = _batches(pool.map(lambda rel: (rel, *_load(folder, rel, allowed, load, config)), files), batch_size)
-        if device_decode:
-            batches = (_device_batch(batch, runtime, config) for batch in loaded)
-        else:
-            batches = (_cpu_batch(batch, runtime) for batch in loaded)
-        for batch_rows, images in batches:
-            p_fake: list[float] = []
-            if images is not None:
+        loaded = _batches(pool.map(lambda rel: (rel, *_load(folder, rel, allowed, load, list(by_input))), files), batch_size)
+        for batch in loaded:
+            p_sum: dict[str, float] = {}  # P(fake) summed over the models
+            errors: dict[str, str | None] = {}
+            for size, members in by_input.items():
+                _, config, runtime = members[0]
+                at_size = [(rel, path, None if data is None else data[size], error) for rel, path, data, error in batch]
+                if device_decode:
+                    batch_rows, images = _device_batch(at_size, runtime, config)
+                else:
+                    batch_rows, images = _cpu_batch(at_size, runtime)
+                for rel, ok, error in batch_rows:
+                    if not ok:
+                        errors.setdefault(rel, error)
+                if images is None:
+                    continue
                 views = [images, images.flip(-1)] if tta else [images]
                 with torch.inference_mode(), runtime.autocast():
-                    # an ensemble's P(fake) is the mean of its models'
-                    p_fake = torch.stack(
-                        [mean_fake_probability(model, views) for model, _, _ in models]
-                    ).mean(0).cpu().tolist()
-            scores = iter(p_fake)
-            for rel, ok, error in batch_rows:
-                p = next(scores) if ok else None
+                    p_fake = torch.stack([mean_fake_probability(model, views) for model, _, _ in members]).sum(0)
+                decoded = [rel for rel, ok, _ in batch_rows if ok]
+                for rel, p in zip(decoded, p_fake.cpu().tolist()):
+                    p_sum[rel] = p_sum.get(rel, 0.0) + p
+            for rel, *_ in batch:
+                p = None if rel in errors else p_sum[rel] / len(models)  # an ensemble's P(fake) is the mean of its models'
                 rows.append(
-                    {"job_id": job_id, "shard": shard, "path": rel, "p_fake": p, "error": error,
+                    {"job_id": job_id, "shard": shard, "path": rel, "p_fake": p, "error": errors.get(rel),
                      "label": None if p is None else ("fake" if p >= threshold else "real")}
                 )
     with session_scope(factory) as session:

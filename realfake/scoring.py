@@ -12,7 +12,6 @@ from pathlib import Path
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from realfake.config import TrainConfig
 from realfake.errors import RunNotFound, ScoringError
 from realfake.samples import IMAGE_SUFFIXES, ensure_inside
 from realfake.store import (
@@ -46,18 +45,12 @@ def model_checkpoint(run: Run) -> Path:
 
 
 def check_scorable(session: Session, run_ids: Sequence[int]) -> None:
-    """Raise unless every run exists, has a checkpoint, and all share one input size."""
-    inputs = set()
+    """Raise unless every run exists and has a checkpoint."""
     for each in run_ids:
         run = session.get(Run, each)
         if run is None:
             raise RunNotFound(f"run {each} does not exist")
         model_checkpoint(run)
-        config = TrainConfig.model_validate(run.config)
-        inputs.add((config.resize, config.eval_crop))
-    if len(inputs) > 1:
-        raise ScoringError(f"runs {', '.join(map(str, run_ids))} do not share one input size (resize, eval crop): "
-                           f"{sorted(inputs)}; an ensemble scores one decoded image with every model")
 
 
 def create_scoring_job(

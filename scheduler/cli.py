@@ -395,7 +395,7 @@ def evaluate(
             result = evaluate_runs(session, runs, tta=tta, threshold=threshold, eval_size=eval_size, crops=crops,
                                    decoded_dir=decoded_cache_dir(settings.artifacts),
                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
-        try:  # scoring judges each run's own crop, one decoded image for every model
+        try:  # scoring judges each run's own crop, not --crops or --eval-size
             check_scorable(session, runs)
             scorable = not (crops or eval_size)
         except ScoringError:

@@ -143,24 +143,41 @@ def test_empty_folder_and_missing_folder(tiny_run, tmp_path):
     assert list_files(tmp_path / "empty") == []
 
 
-def test_an_ensemble_of_runs_with_different_input_sizes_is_refused(tiny_run, tmp_path):
-    """One decoded image goes to every model of an ensemble, so they must share resize and crop."""
-    from realfake.errors import ScoringError
-    from realfake.scoring import check_scorable
-    from realfake.store import Run
-
-    factory, run_id = tiny_run
+@pytest.fixture(scope="module")
+def larger_run(tiny_run, tmp_path_factory, mobilenet_weights):
+    """A second trained run in the same store, at another input size: resize 48, crop 40."""
+    factory, first = tiny_run
+    root = tmp_path_factory.mktemp("larger")
+    data = make_synthetic(root / "data", per_class=20, size=48)
+    config = TrainConfig(backbone="mobilenet_v2", weights=str(mobilenet_weights), resize=48, image_size=40,
+                         epochs=1, batch_size=16, seed=1)
     with session_scope(factory) as session:
-        trained = session.get(Run, run_id)
-        larger = create_run(session, TrainConfig(**trained.config | {"resize": 48}), Path(trained.data_root),
-                            SplitConfig(val=0.2, test=0.2))
-        larger.checkpoint_dir = trained.checkpoint_dir  # a checkpoint to find; its size is the config's
-        session.flush()
-        check_scorable(session, [run_id, run_id])
-        with pytest.raises(ScoringError, match=r"do not share one input size \(resize, eval crop\): \[\(32, 32\), \(48, 32\)\]"):
-            check_scorable(session, [run_id, larger.id])
-        with pytest.raises(ScoringError, match="do not share one input size"):
-            create_scoring_job(session, [run_id, larger.id], tmp_path)
+        run_id = create_run(session, config, data, SplitConfig(val=0.2, test=0.2)).id
+    train_run(factory, run_id, root / "artifacts")
+    return run_id
+
+
+@pytest.mark.parametrize("device_decode", [False, True], ids=["pil", "batched-decode_jpeg"])
+def test_an_ensemble_of_runs_with_different_input_sizes(tiny_run, larger_run, tmp_path, device_decode):
+    """A sweep over resolution ranks runs of several input sizes: their ensemble decodes each
+    image once per size, and its P(fake) is the mean of what each run alone gives."""
+    factory, small_run = tiny_run
+    folder = tmp_path / "bad"
+    expected = make_bad_folder(folder, tmp_path / "outside.jpg")
+    alone = {}
+    for run_ids in ([small_run], [larger_run], [small_run, larger_run]):
+        with session_scope(factory) as session:
+            job_id = create_scoring_job(session, run_ids, folder, batch_size=4, shard_size=8, tta=True).id
+        alone[tuple(run_ids)] = _score_all(factory, job_id, device_decode=device_decode)
+    small, large, ensemble = alone.values()
+    assert set(ensemble) == set(expected)
+    for path, scored in expected.items():
+        if scored:
+            assert ensemble[path].error is None, (path, ensemble[path].error)
+            assert ensemble[path].p_fake == pytest.approx((small[path].p_fake + large[path].p_fake) / 2, abs=1e-6)
+            assert small[path].p_fake != pytest.approx(large[path].p_fake, abs=1e-6)  # two models, two answers
+        else:
+            assert ensemble[path].p_fake is None and ensemble[path].error == small[path].error, path
 
 
 def _spec(data) -> dict:
