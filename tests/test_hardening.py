@@ -146,7 +146,7 @@ def test_empty_folder_and_missing_folder(tiny_run, tmp_path):
 @pytest.fixture(scope="module")
 def larger_run(tiny_run, tmp_path_factory, mobilenet_weights):
     """A second trained run in the same store, at another input size: resize 48, crop 40."""
-    factory, first = tiny_run
+    factory, _ = tiny_run
     root = tmp_path_factory.mktemp("larger")
     data = make_synthetic(root / "data", per_class=20, size=48)
     config = TrainConfig(backbone="mobilenet_v2", weights=str(mobilenet_weights), resize=48, image_size=40,
