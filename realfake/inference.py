@@ -143,9 +143,9 @@ def score_shard(
     models = [cache.get(checkpoint) for checkpoint in checkpoints]
     # An ensemble's runs may differ in input size (a sweep over resolution): each image is
     # decoded once per (resize, crop) and every model sees its own.
-    by_input: dict[tuple[int, int], list[tuple[nn.Module, TrainConfig, Runtime]]] = {}
-    for model, config, runtime in models:
-        by_input.setdefault((config.resize, config.eval_crop), []).append((model, config, runtime))
+    by_input: dict[tuple[int, int], list[int]] = {}  # input size -> indices into models
+    for index, (_, config, _) in enumerate(models):
+        by_input.setdefault((config.resize, config.eval_crop), []).append(index)
     allowed = list(roots) or [folder]
     rows = []
     threads = threads or min(8, (os.cpu_count() or 2) * 2)
@@ -154,10 +154,10 @@ def score_shard(
         load = read_for_device if device_decode else load_for_eval
         loaded = _batches(pool.map(lambda rel: (rel, *_load(folder, rel, allowed, load, list(by_input))), files), batch_size)
         for batch in loaded:
-            p_sum: dict[str, float] = {}  # P(fake) summed over the models
+            p_by_model: list[dict[str, float]] = [{} for _ in models]
             errors: dict[str, str | None] = {}
             for size, members in by_input.items():
-                _, config, runtime = members[0]
+                _, config, runtime = models[members[0]]
                 at_size = [(rel, path, None if data is None else data[size], error) for rel, path, data, error in batch]
                 if device_decode:
                     batch_rows, images = _device_batch(at_size, runtime, config)
@@ -169,13 +169,14 @@ def score_shard(
                 if images is None:
                     continue
                 views = [images, images.flip(-1)] if tta else [images]
-                with torch.inference_mode(), runtime.autocast():
-                    p_fake = torch.stack([mean_fake_probability(model, views) for model, _, _ in members]).sum(0)
                 decoded = [rel for rel, ok, _ in batch_rows if ok]
-                for rel, p in zip(decoded, p_fake.cpu().tolist()):
-                    p_sum[rel] = p_sum.get(rel, 0.0) + p
+                with torch.inference_mode(), runtime.autocast():
+                    for index in members:
+                        p_fake = mean_fake_probability(models[index][0], views).float().cpu().tolist()
+                        p_by_model[index] = dict(zip(decoded, p_fake))
             for rel, *_ in batch:
-                p = None if rel in errors else p_sum[rel] / len(models)  # an ensemble's P(fake) is the mean of its models'
+                # an ensemble's P(fake) is the mean of its models', added in run order
+                p = None if rel in errors else sum(by_model[rel] for by_model in p_by_model) / len(models)
                 rows.append(
                     {"job_id": job_id, "shard": shard, "path": rel, "p_fake": p, "error": errors.get(rel),
                      "label": None if p is None else ("fake" if p >= threshold else "real")}

@@ -180,6 +180,30 @@ def test_an_ensemble_of_runs_with_different_input_sizes(tiny_run, larger_run, tm
             assert ensemble[path].p_fake is None and ensemble[path].error == small[path].error, path
 
 
+def test_a_file_unreadable_at_one_input_size_is_an_error_row(tiny_run, larger_run, tmp_path, monkeypatch):
+    import realfake.inference
+
+    def load_for_eval(path, resize, crop):  # as a file might fail only at one size
+        if path.name == "ok.jpg" and (resize, crop) == (48, 40):
+            raise OSError("cannot decode at 48 px")
+        return real_load(path, resize, crop)
+
+    real_load = realfake.inference.load_for_eval
+    monkeypatch.setattr(realfake.inference, "load_for_eval", load_for_eval)
+    factory, small_run = tiny_run
+    folder = tmp_path / "bad"
+    make_bad_folder(folder, tmp_path / "outside.jpg")
+    scored = {}
+    for run_ids in ([small_run], [small_run, larger_run]):
+        with session_scope(factory) as session:
+            job_id = create_scoring_job(session, run_ids, folder, batch_size=4, shard_size=8).id
+        scored[len(run_ids)] = _score_all(factory, job_id)
+    assert scored[1]["ok.jpg"].error is None and scored[1]["ok.jpg"].p_fake is not None
+    ok = scored[2]["ok.jpg"]
+    assert (ok.p_fake, ok.label, ok.error) == (None, None, "OSError: cannot decode at 48 px")
+    assert scored[2]["gray.jpg"].error is None and scored[2]["gray.jpg"].p_fake is not None
+
+
 def _spec(data) -> dict:
     return {"name": "h", "data": str(data), "parameters": {"lr": {"values": [1e-3]}},
             "split": {"val": 0.2, "test": 0.2}, "base": {"backbone": "mobilenet_v2", "epochs": 1}}
