@@ -32,7 +32,6 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from realfake.config import Settings, decoded_cache_dir
 from realfake.errors import USER_ERRORS as LIBRARY_ERRORS
-from realfake.errors import ScoringError
 from realfake.report import (
     best_runs,
     fold_variants,
@@ -41,7 +40,7 @@ from realfake.report import (
     run_detail,
 )
 from realfake.runs import create_sweep, request_cancel
-from realfake.scoring import check_scorable, create_scoring_job, job_progress
+from realfake.scoring import create_scoring_job, job_progress
 from realfake.store import (
     Prediction,
     Run,
@@ -395,11 +394,8 @@ def evaluate(
             result = evaluate_runs(session, runs, tta=tta, threshold=threshold, eval_size=eval_size, crops=crops,
                                    decoded_dir=decoded_cache_dir(settings.artifacts),
                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
-        try:  # scoring judges each run's own crop, not --crops or --eval-size
-            check_scorable(session, runs)
-            scorable = not (crops or eval_size)
-        except ScoringError:
-            scorable = False
+    # evaluate_runs has found every run's checkpoint; scoring judges each run's own crop
+    scorable = not (crops or eval_size)
     if as_json:
         return _print_json(result)
     title = f"run{'s' if len(runs) > 1 else ''} {', '.join(map(str, runs))}{' with TTA' if tta else ''}"
