@@ -112,7 +112,7 @@ def test_asha_when_lower_is_better():
     assert not should_continue(0.3, losses, 2, higher_is_better=False)
 
 
-@pytest.mark.parametrize("name", ["seed.yaml", "sweep.yaml", "best.yaml", "best-448.yaml", "best-20ep.yaml"])
+@pytest.mark.parametrize("name", ["seed.yaml", "sweep.yaml", "best.yaml", "best-448.yaml", "best-20ep.yaml", "best-cv8.yaml"])
 def test_the_example_sweep_files_are_valid(name):
     from tests.conftest import REPO
 
@@ -124,3 +124,6 @@ def test_the_example_sweep_files_are_valid(name):
         assert (seed["backbone"], seed["hidden"], seed["dropout"], seed["batch_size"], seed["epochs"]) == (
             "resnet50", 512, 0.5, 32, 10)
         assert (seed["resize"], seed["image_size"], seed["rotation"], seed["optimizer"]) == (256, 224, 15, "adam")
+    if name == "best-cv8.yaml":  # best.yaml's recipe, cross-validated over 8 folds
+        (best,) = expand(load_spec(REPO / "examples" / "best.yaml"))
+        assert variants == [best] and spec.split.folds == 8 and spec.split.test == 0.2
