@@ -18,8 +18,9 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 from pathlib import Path
+
+from accuracy import spread  # bench/, the script's own folder
 
 from realfake.config import Settings, decoded_cache_dir
 from realfake.evaluation import evaluate_runs
@@ -50,11 +51,11 @@ def main() -> None:
     settings = Settings.from_env(env)
     factory = session_factory(make_engine(settings.database_url))
     cache, memo, results = ModelCache(capacity=2), {}, {}
+    decoded = decoded_cache_dir(settings.artifacts)
     with session_scope(factory) as session:
         for runs in ensembles:
             label = ",".join(map(str, runs))
-            results[label] = evaluate_runs(session, runs, tta=args.tta, cache=cache, memo=memo,
-                                           decoded_dir=decoded_cache_dir(settings.artifacts))
+            results[label] = evaluate_runs(session, runs, tta=args.tta, cache=cache, memo=memo, decoded_dir=decoded)
             print(f"runs {label} judged", flush=True)
 
     groups = sorted({group for result in results.values() for group in result["test"]["groups"]})
@@ -82,11 +83,7 @@ def print_by_size(results: dict) -> None:
                "test ROC-AUC": lambda r: r["test"]["roc_auc"], "shortcut-free acc": lambda r: r["test_shortcut_free"]["accuracy"]}
     print("\n| members | sets | " + " | ".join(figures) + " |\n|" + "---|" * (len(figures) + 2))
     for size, group in sorted(by_size.items()):
-        cells = []
-        for figure in figures.values():
-            values = [figure(result) for result in group]
-            spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-            cells.append(f"{statistics.mean(values):.3f}{spread}")
+        cells = [spread([figure(result) for result in group]) for figure in figures.values()]
         print(f"| {size} | {len(group)} | " + " | ".join(cells) + " |")
 
 
