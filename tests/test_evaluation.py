@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 from pydantic import ValidationError
+from sklearn.metrics import roc_auc_score
 from torchvision.transforms.v2 import functional as F
 
 from realfake import data as data_module
@@ -115,6 +116,37 @@ def test_a_run_judges_the_whole_image_when_eval_size_says_so(tmp_path, mobilenet
 
     with pytest.raises(ValidationError, match="eval_size 64 is larger than resize 48"):
         predict(checkpoint, data, test, cache=cache, eval_size=64)
+
+
+def test_an_ensemble_of_two_input_sizes_scores_files_as_evaluate_judges_them(tmp_path, mobilenet_weights):
+    """Runs trained at two input sizes (32-px and 40-px crops of the 48-px faces, which need no
+    resizing: scoring's decoder and evaluation's transform resize to slightly different pixels):
+    a scoring job over both gives each test face the P(fake) that `evaluate` averages for it,
+    each model seeing its own input, and labels it at the job's cut-off as evaluate's does."""
+    factory, data, small, _, test = _one_epoch_run(tmp_path, mobilenet_weights)
+    config = TrainConfig(backbone="mobilenet_v2", weights=str(mobilenet_weights), resize=48, image_size=40,
+                         epochs=1, batch_size=8)
+    with session_scope(factory) as session:
+        large = create_run(session, config, data, SplitConfig(val=0.2, test=0.2)).id
+    train_run(factory, large, tmp_path / "artifacts")
+    cache, memo = ModelCache(precision="fp32"), {}
+    with session_scope(factory) as session:
+        assert samples_from_json(session.get(Run, large).split)["test"] == test
+        judged = evaluate_runs(session, [small, large], tta=True, threshold="0.5", cache=cache, memo=memo)
+    each = [memo[run_id, True, None, False].test for run_id in (small, large)]
+    assert not np.allclose(*each, atol=1e-4)  # two models, two opinions: the mean is not either one
+
+    with session_scope(factory) as session:
+        job_id = create_scoring_job(session, [small, large], data, tta=True, threshold=0.5).id
+    score_shard(factory, job_id, 0, cache=cache)
+    with session_scope(factory) as session:
+        rows = {row.path: row for row in session.query(Prediction).filter_by(job_id=job_id)}
+    scored = np.array([rows[s.path].p_fake for s in test])
+    assert scored == pytest.approx(((each[0] + each[1]) / 2).tolist(), abs=1e-4)
+    labels = np.array([s.label for s in test])
+    assert np.mean((scored >= 0.5) == labels) == pytest.approx(judged["test"]["accuracy"])
+    assert roc_auc_score(labels, scored) == pytest.approx(judged["test"]["roc_auc"], abs=1e-3)
+    assert [rows[s.path].label for s in test] == ["fake" if p >= 0.5 else "real" for p in scored]
 
 
 def test_a_scoring_job_with_tta_and_a_cut_off_judges_files_as_evaluate_does(tmp_path, mobilenet_weights):
