@@ -124,9 +124,8 @@ def test_an_ensemble_of_two_input_sizes_scores_files_as_evaluate_judges_them(tmp
     a scoring job over both gives each test face the P(fake) that `evaluate` averages for it,
     each model seeing its own input, and labels it at the job's cut-off as evaluate's does."""
     factory, data, small, _, test = _one_epoch_run(tmp_path, mobilenet_weights)
-    config = TrainConfig(backbone="mobilenet_v2", weights=str(mobilenet_weights), resize=48, image_size=40,
-                         epochs=1, batch_size=8)
-    with session_scope(factory) as session:
+    with session_scope(factory) as session:  # the same run but for its crops' size
+        config = TrainConfig.model_validate(session.get(Run, small).config | {"image_size": 40})
         large = create_run(session, config, data, SplitConfig(val=0.2, test=0.2)).id
     train_run(factory, large, tmp_path / "artifacts")
     cache, memo = ModelCache(precision="fp32"), {}
