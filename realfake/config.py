@@ -48,6 +48,11 @@ class TrainConfig(BaseModel):
         None, ge=8, description="random training crops fall inside this centre square of the resized "
         "image (where a face's eyes, nose and mouth are), between image_size and resize; default: anywhere"
     )
+    crop_grid: int = Field(
+        1, ge=1, description="training and evaluation crops start at multiples of this many pixels of the "
+        "resized image: 8 keeps a JPEG's 8x8 blocks where its encoder put them in every crop (where resize "
+        "is the originals' own size and rotation 0, so no pixel is resampled); 1 = anywhere"
+    )
     rotation: float = Field(15.0, ge=0.0)
     color_jitter: float = Field(0.2, ge=0.0)
     jpeg_quality: tuple[int, int] | None = Field(
@@ -121,6 +126,12 @@ class TrainConfig(BaseModel):
         if self.crop_within is not None and not self.image_size <= self.crop_within <= self.resize:
             raise ValueError(f"crop_within {self.crop_within} must lie between image_size "
                              f"{self.image_size} and resize {self.resize}")
+        if self.crop_grid > 1 and self.rotation > 0:
+            raise ValueError(f"crop_grid {self.crop_grid} keeps the crops on the JPEG block grid, which "
+                             f"rotation {self.rotation:g} resamples away: set rotation: 0")
+        for name in ("image_size", "eval_size"):  # a mirrored crop stays on the grid only then
+            if (getattr(self, name) or 0) % self.crop_grid:
+                raise ValueError(f"{name} {getattr(self, name)} is not a multiple of crop_grid {self.crop_grid}")
         if self.pool == "gem" and self.backbone not in ("resnet18", "resnet34", "resnet50", "mobilenet_v2"):
             raise ValueError(f"pool gem needs features that end in a ReLU (resnet18/34/50, mobilenet_v2); "
                              f"{self.backbone}'s can be negative")

@@ -34,6 +34,48 @@ def resize_steps(config: TrainConfig) -> list[v2.Transform]:
     return [v2.PILToTensor(), v2.Resize(config.resize, antialias=True)]
 
 
+def centre_offset(length: int, crop: int, grid: int = 1) -> int:
+    """Where a centred `crop` of `length` pixels starts, rounded down to a multiple of `grid`."""
+    return (length - crop) // 2 // grid * grid
+
+
+class GridCentreCrop(torch.nn.Module):
+    """A centred square crop of a CHW tensor that starts on the grid (`centre_offset`)."""
+
+    def __init__(self, size: int, grid: int):
+        super().__init__()
+        self.size, self.grid = size, grid
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        top, left = centre_offset(height, self.size, self.grid), centre_offset(width, self.size, self.grid)
+        return F.crop(image, top, left, self.size, self.size)
+
+
+def centre_crop(size: int, grid: int = 1) -> v2.CenterCrop | GridCentreCrop:
+    """torchvision's CenterCrop, or with `grid` > 1 one that starts on the grid."""
+    return v2.CenterCrop(size) if grid == 1 else GridCentreCrop(size, grid)
+
+
+class GridRandomCrop(torch.nn.Module):
+    """A random square crop of a CHW tensor, offsets at multiples of `grid`, inside the centred
+    `within` square (itself started on the grid; default: the whole image)."""
+
+    def __init__(self, size: int, grid: int, within: int | None = None):
+        super().__init__()
+        self.size, self.grid, self.within = size, grid, within
+
+    def _offset(self, length: int) -> int:
+        window = min(self.within or length, length)
+        start = centre_offset(length, window, self.grid)
+        steps = (window - self.size) // self.grid + 1
+        return start + self.grid * int(torch.randint(steps, ()).item())
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        return F.crop(image, self._offset(height), self._offset(width), self.size, self.size)
+
+
 def train_transform(config: TrainConfig, resized: bool = False) -> v2.Compose:
     """The seed's augmentation, plus optional JPEG re-encoding against the compression shortcut.
 
@@ -42,12 +84,13 @@ def train_transform(config: TrainConfig, resized: bool = False) -> v2.Compose:
     steps: list[v2.Transform] = [] if resized else resize_steps(config)
     if config.rotation > 0:
         steps.append(v2.RandomRotation(config.rotation))
-    if config.crop_within is not None:  # rotated first, so the window has no empty corners
-        steps.append(v2.CenterCrop(config.crop_within))
-    steps += [
-        v2.RandomCrop(config.image_size),
-        v2.RandomHorizontalFlip(),
-    ]
+    if config.crop_grid > 1:
+        steps.append(GridRandomCrop(config.image_size, config.crop_grid, config.crop_within))
+    else:
+        if config.crop_within is not None:  # rotated first, so the window has no empty corners
+            steps.append(v2.CenterCrop(config.crop_within))
+        steps.append(v2.RandomCrop(config.image_size))
+    steps.append(v2.RandomHorizontalFlip())  # on the grid still: crop_grid divides image_size
     if config.color_jitter > 0:
         j = config.color_jitter
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
@@ -61,7 +104,7 @@ def eval_transform(config: TrainConfig, resized: bool = False) -> v2.Compose:
     """Resize and centre crop only: evaluation never sees the training augmentation."""
     steps = [] if resized else resize_steps(config)
     steps += [
-        v2.CenterCrop(config.eval_crop),
+        centre_crop(config.eval_crop, config.crop_grid),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ]
@@ -145,8 +188,9 @@ def load_rgb(path: Path, draft: int | None = None) -> Image.Image:
         return image.convert("RGB")
 
 
-def load_for_eval(path: Path, resize: int, crop: int) -> np.ndarray:
-    """Decode, resize the shorter side to `resize` and centre-crop to `crop`: HWC uint8.
+def load_for_eval(path: Path, resize: int, crop: int, grid: int = 1) -> np.ndarray:
+    """Decode, resize the shorter side to `resize` and centre-crop to `crop` (starting on the
+    `grid`, as `centre_offset`): HWC uint8.
 
     The fast path of `eval_transform` for scoring: reduced-scale JPEG decoding and PIL's
     antialiased resize in C (the GIL released, so decoding threads run in parallel);
@@ -157,7 +201,7 @@ def load_for_eval(path: Path, resize: int, crop: int) -> np.ndarray:
     scale = resize / min(width, height)
     size = (max(crop, round(width * scale)), max(crop, round(height * scale)))
     image = image.resize(size, Image.BILINEAR)
-    left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
+    left, top = centre_offset(size[0], crop, grid), centre_offset(size[1], crop, grid)
     return np.asarray(image.crop((left, top, left + crop, top + crop)))
 
 
@@ -179,18 +223,19 @@ def normalize_chw(batch: torch.Tensor) -> torch.Tensor:
     return (batch.float() - mean) / std
 
 
-def read_for_device(path: Path, resize: int, crop: int) -> torch.Tensor | np.ndarray:
+def read_for_device(path: Path, resize: int, crop: int, grid: int = 1) -> torch.Tensor | np.ndarray:
     """A plain JPEG's bytes, to be decoded on the model's device; any other image decoded
     here by `load_for_eval` (HWC uint8)."""
     with Image.open(path) as image:  # the header only: format, mode, size (the bomb check)
         plain = image.format == "JPEG" and image.mode in ("RGB", "L")
     if plain:
         return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-    return load_for_eval(path, resize, crop)
+    return load_for_eval(path, resize, crop, grid)
 
 
 def decode_on_device(
-    items: Sequence[tuple[Path, torch.Tensor | np.ndarray]], device: torch.device, resize: int, crop: int
+    items: Sequence[tuple[Path, torch.Tensor | np.ndarray]], device: torch.device, resize: int, crop: int,
+    grid: int = 1,
 ) -> list[tuple[torch.Tensor | None, str | None]]:
     """What `read_for_device` returned, as CHW uint8 images on `device`, resized and centre
     cropped there. JPEGs are decoded in one batched call (nvJPEG on CUDA); a file that fails
@@ -222,7 +267,7 @@ def decode_on_device(
             image = decoded.get(index)
             if image is None:
                 image = decode_one(path, data)
-            image = F.center_crop(F.resize(image, [resize], antialias=True), [crop])
+            image = centre_crop(crop, grid)(F.resize(image, [resize], antialias=True))
             results.append((image, None))
         except Exception as error:
             results.append((None, f"{type(error).__name__}: {error}"))

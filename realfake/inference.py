@@ -71,13 +71,13 @@ class ModelCache:
         return self._models[key]
 
 
-def _load(folder: Path, rel: str, roots: Sequence[Path], load: Callable[[Path, int, int], object],
-          inputs: Sequence[tuple[int, int]]) -> tuple[Path | None, dict | None, str | None]:
-    """`load` applied to a file inside the roots at each (resize, crop) of `inputs`:
+def _load(folder: Path, rel: str, roots: Sequence[Path], load: Callable[[Path, int, int, int], object],
+          inputs: Sequence[tuple[int, int, int]]) -> tuple[Path | None, dict | None, str | None]:
+    """`load` applied to a file inside the roots at each (resize, crop, grid) of `inputs`:
     (path, {input: what it returned}, None) or the error."""
     try:
         path = ensure_inside(folder / rel, roots)
-        return path, {size: load(path, *size) for size in inputs}, None
+        return path, {form: load(path, *form) for form in inputs}, None
     except Exception as error:  # any unreadable file is a row with its error, not a failed shard
         return None, None, f"{type(error).__name__}: {error}"
 
@@ -86,7 +86,7 @@ def _device_batch(batch: list, runtime: Runtime, config: TrainConfig) -> tuple[l
     """Decode a batch of `_load(read_for_device)` results on the model's device: (rel, ok, error) rows and the images."""
     readable = [(rel, path, data) for rel, path, data, error in batch if error is None]
     decoded = decode_on_device([(path, data) for _, path, data in readable], runtime.device,
-                               config.resize, config.eval_crop)
+                               config.resize, config.eval_crop, config.crop_grid)
     errors = {rel: error for (rel, _, _), (_, error) in zip(readable, decoded)}
     errors |= {rel: error for rel, _, _, error in batch if error is not None}
     images = [image for image, _ in decoded if image is not None]
@@ -145,7 +145,7 @@ def score_shard(
     # decoded once per (resize, crop) and every model sees its own.
     by_input: dict[tuple[int, int], list[int]] = {}  # input size -> indices into models
     for index, (_, config, _) in enumerate(models):
-        by_input.setdefault((config.resize, config.eval_crop), []).append(index)
+        by_input.setdefault((config.resize, config.eval_crop, config.crop_grid), []).append(index)
     allowed = list(roots) or [folder]
     rows = []
     threads = threads or min(8, (os.cpu_count() or 2) * 2)
@@ -156,13 +156,13 @@ def score_shard(
         for batch in loaded:
             p_by_model: list[dict[str, float]] = [{} for _ in models]
             errors: dict[str, str | None] = {}
-            for size, members in by_input.items():
+            for form, members in by_input.items():
                 _, config, runtime = models[members[0]]
-                at_size = [(rel, path, None if data is None else data[size], error) for rel, path, data, error in batch]
+                at_form = [(rel, path, None if data is None else data[form], error) for rel, path, data, error in batch]
                 if device_decode:
-                    batch_rows, images = _device_batch(at_size, runtime, config)
+                    batch_rows, images = _device_batch(at_form, runtime, config)
                 else:
-                    batch_rows, images = _cpu_batch(at_size, runtime)
+                    batch_rows, images = _cpu_batch(at_form, runtime)
                 for rel, ok, error in batch_rows:
                     if not ok:
                         errors.setdefault(rel, error)

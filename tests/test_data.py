@@ -9,6 +9,8 @@ from PIL import Image
 
 from realfake.config import SplitConfig, TrainConfig
 from realfake.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     FaceDataset,
     decode_on_device,
     eval_transform,
@@ -190,6 +192,48 @@ def test_crop_within_keeps_training_crops_inside_the_centre_square():
     assert any(shows_red(TrainConfig(**settings)))
     with pytest.raises(ValueError, match="crop_within 8 must lie between image_size 16 and resize 64"):
         TrainConfig(**settings, crop_within=8)
+
+
+def test_crop_grid_starts_every_training_and_evaluation_crop_on_the_grid(tmp_path):
+    """A 64-px face whose pixels say where they are (red: column, green: row): with crop_grid 8,
+    16-px training crops inside the centre 40 start at 8, 16, 24, 32 (the window begins at 12,
+    rounded down to 8), each offset drawn; the evaluation crop starts at 24 (the centre, 24);
+    24-px ones at 16 where CenterCrop's start at 20, in every decoding path. Rotation, which
+    resamples, is refused, and so is a crop size a mirror would take off the grid."""
+    columns, rows = np.meshgrid(np.arange(64) * 4, np.arange(64) * 4)
+    image = torch.from_numpy(np.stack([columns, rows, np.zeros_like(rows)]).astype(np.uint8))
+
+    def start(view):  # undo Normalize, read back the top-left pixel's row and column
+        pixels = view * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        coordinates = (pixels[:2] * 255 / 4).round().int()
+        return int(coordinates[1].min()), int(coordinates[0].min())
+
+    settings = dict(resize=64, rotation=0, color_jitter=0, crop_grid=8)
+    train = train_transform(TrainConfig(**settings, image_size=16, crop_within=40), resized=True)
+    torch.manual_seed(0)
+    starts = {start(train(image)) for _ in range(300)}
+    assert starts == {(top, left) for top in (8, 16, 24, 32) for left in (8, 16, 24, 32)}
+    assert start(eval_transform(TrainConfig(**settings, image_size=16), resized=True)(image)) == (24, 24)
+    assert start(eval_transform(TrainConfig(**settings, image_size=24), resized=True)(image)) == (16, 16)
+    off_grid = TrainConfig(**(settings | {"crop_grid": 1}), image_size=24)
+    assert start(eval_transform(off_grid, resized=True)(image)) == (20, 20)
+
+    face = Image.fromarray(image.permute(1, 2, 0).numpy())
+    face.save(tmp_path / "face.png")
+    face.save(tmp_path / "face.jpg", quality=100)
+    on_grid = TrainConfig(**settings, image_size=24)
+    for grid, config in ((8, on_grid), (1, off_grid)):  # scoring's paths cut the same pixels
+        expected = eval_transform(config)(face)
+        fast = normalize_batch([load_for_eval(tmp_path / "face.png", 64, 24, grid)])[0]
+        torch.testing.assert_close(fast, expected, rtol=0, atol=1e-5)
+        jpeg = tmp_path / "face.jpg"
+        [(on_device, error)] = decode_on_device([(jpeg, read_for_device(jpeg, 64, 24, grid))],
+                                                torch.device("cpu"), 64, 24, grid)
+        assert error is None and start(normalize_batch([on_device.permute(1, 2, 0).numpy()])[0]) == start(expected)
+    with pytest.raises(ValueError, match="crop_grid 8 keeps the crops on the JPEG block grid, which rotation 15"):
+        TrainConfig(resize=64, image_size=16, crop_grid=8)
+    with pytest.raises(ValueError, match="image_size 20 is not a multiple of crop_grid 8"):
+        TrainConfig(**settings, image_size=20)
 
 
 def test_decoded_cache_matches_decoding_and_is_reused_until_a_file_changes(synthetic_data, tmp_path):

@@ -118,6 +118,37 @@ def test_a_run_judges_the_whole_image_when_eval_size_says_so(tmp_path, mobilenet
         predict(checkpoint, data, test, cache=cache, eval_size=64)
 
 
+def test_a_run_on_the_jpeg_grid_is_judged_and_scored_on_a_crop_that_starts_on_it(tmp_path, mobilenet_weights):
+    """Trained with crop_grid 8 on 40-px crops of the 48-px faces: evaluation and scoring both
+    judge the crop at (0, 0), the centre rounded down to the grid, not torchvision's at (4, 4);
+    five crops that would leave the grid are refused."""
+    factory, data, run_id, checkpoint, test = _one_epoch_run(
+        tmp_path, mobilenet_weights, image_size=40, crop_grid=8, rotation=0)
+    cache = ModelCache(precision="fp32")
+    model, config, _ = cache.get(checkpoint)
+
+    def p_fake_of_crop(offset):
+        faces = [F.pil_to_tensor(Image.open(data / s.path).convert("RGB")) for s in test]
+        crops = torch.stack([F.crop(face, offset, offset, 40, 40) for face in faces])
+        normalised = F.normalize(F.to_dtype(crops, torch.float32, scale=True), data_module.IMAGENET_MEAN,
+                                 data_module.IMAGENET_STD)
+        with torch.inference_mode():
+            return fake_probability(model(normalised)).numpy()
+
+    judged = predict(checkpoint, data, test, cache=cache)
+    assert judged == pytest.approx(p_fake_of_crop(0).tolist(), abs=1e-4)
+    assert not np.allclose(judged, p_fake_of_crop(4), atol=1e-4)  # where CenterCrop would have cut
+    with session_scope(factory) as session:
+        job_id = create_scoring_job(session, run_id, data).id
+    score_shard(factory, job_id, 0, cache=cache)
+    with session_scope(factory) as session:
+        scored = {row.path: row.p_fake for row in session.query(Prediction).filter_by(job_id=job_id)}
+    assert [scored[s.path] for s in test] == pytest.approx(judged.tolist(), abs=1e-4)
+
+    with pytest.raises(EvaluationError, match="would leave the run's 8-px crop grid"):
+        predict(checkpoint, data, test, cache=cache, eval_size=44, crops=True)
+
+
 def test_an_ensemble_of_two_input_sizes_scores_files_as_evaluate_judges_them(tmp_path, mobilenet_weights):
     """Runs trained at two input sizes (32-px and 40-px crops of the 48-px faces, which need no
     resizing: scoring's decoder and evaluation's transform resize to slightly different pixels):
