@@ -183,10 +183,10 @@ def test_an_ensemble_of_runs_with_different_input_sizes(tiny_run, larger_run, tm
 def test_a_file_unreadable_at_one_input_size_is_an_error_row(tiny_run, larger_run, tmp_path, monkeypatch):
     import realfake.inference
 
-    def load_for_eval(path, resize, crop):  # as a file might fail only at one size
+    def load_for_eval(path, resize, crop, grid):  # as a file might fail only at one size
         if path.name == "ok.jpg" and (resize, crop) == (48, 40):
             raise OSError("cannot decode at 48 px")
-        return real_load(path, resize, crop)
+        return real_load(path, resize, crop, grid)
 
     real_load = realfake.inference.load_for_eval
     monkeypatch.setattr(realfake.inference, "load_for_eval", load_for_eval)
