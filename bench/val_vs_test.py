@@ -39,6 +39,8 @@ def main() -> None:
 
     recipes, cross_validated = [], []
     for name, evaluations in json.loads(args.results.read_text()).items():
+        if not all(isinstance(listed, list) for listed in evaluations.values()):
+            continue  # not one recipe's evaluations: a summary of bench/ensembles.py
         runs = [e for e in evaluations.get("cut-off 0.5", []) if e.get("val")]
         if any(e.get("out_of_fold") for listed in evaluations.values() for e in listed):
             cross_validated.append(name)  # its runs validated on folds: other faces than the 162
