@@ -142,8 +142,8 @@ def score_shard(
     cache.capacity = max(cache.capacity, len(checkpoints))
     models = [cache.get(checkpoint) for checkpoint in checkpoints]
     # An ensemble's runs may differ in input size (a sweep over resolution): each image is
-    # decoded once per (resize, crop) and every model sees its own.
-    by_input: dict[tuple[int, int], list[int]] = {}  # input size -> indices into models
+    # decoded once per (resize, crop, crop grid) and every model sees its own.
+    by_input: dict[tuple[int, int, int], list[int]] = {}  # (resize, crop, grid) -> indices into models
     for index, (_, config, _) in enumerate(models):
         by_input.setdefault((config.resize, config.eval_crop, config.crop_grid), []).append(index)
     allowed = list(roots) or [folder]

@@ -125,7 +125,7 @@ def test_a_run_on_the_jpeg_grid_is_judged_and_scored_on_a_crop_that_starts_on_it
     factory, data, run_id, checkpoint, test = _one_epoch_run(
         tmp_path, mobilenet_weights, image_size=40, crop_grid=8, rotation=0)
     cache = ModelCache(precision="fp32")
-    model, config, _ = cache.get(checkpoint)
+    model, _, _ = cache.get(checkpoint)
 
     def p_fake_of_crop(offset):
         faces = [F.pil_to_tensor(Image.open(data / s.path).convert("RGB")) for s in test]
