@@ -66,7 +66,7 @@ class GridRandomCrop(torch.nn.Module):
         self.size, self.grid, self.within = size, grid, within
 
     def _offset(self, length: int) -> int:
-        window = min(self.within or length, length)
+        window = self.within or length
         start = centre_offset(length, window, self.grid)
         steps = (window - self.size) // self.grid + 1
         return start + self.grid * int(torch.randint(steps, ()).item())
@@ -258,6 +258,7 @@ def decode_on_device(
             decoded = dict(zip(jpegs, batch))
         except RuntimeError:
             pass  # decoded one by one below
+    cut = centre_crop(crop, grid)
     results: list[tuple[torch.Tensor | None, str | None]] = []
     for index, (path, data) in enumerate(items):
         try:
@@ -267,7 +268,7 @@ def decode_on_device(
             image = decoded.get(index)
             if image is None:
                 image = decode_one(path, data)
-            image = centre_crop(crop, grid)(F.resize(image, [resize], antialias=True))
+            image = cut(F.resize(image, [resize], antialias=True))
             results.append((image, None))
         except Exception as error:
             results.append((None, f"{type(error).__name__}: {error}"))

@@ -61,10 +61,6 @@ def predict(checkpoint: Path, root: Path, samples: Sequence[Sample], tta: bool =
         eval_size = eval_size or config.crop_within or config.resize
         if eval_size <= config.image_size:
             raise EvaluationError(f"five crops of {config.image_size} px need a larger square than {eval_size} px")
-        if (eval_size - config.image_size) % config.crop_grid:
-            raise EvaluationError(f"five crops of {config.image_size} px inside {eval_size} px would leave "
-                                  f"the run's {config.crop_grid}-px crop grid: pick a square {config.image_size} "
-                                  f"plus a multiple of {config.crop_grid}")
     if eval_size is not None:
         config = TrainConfig.model_validate(config.model_dump() | {"eval_size": eval_size})
     decoded = None

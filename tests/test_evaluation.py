@@ -121,7 +121,7 @@ def test_a_run_judges_the_whole_image_when_eval_size_says_so(tmp_path, mobilenet
 def test_a_run_on_the_jpeg_grid_is_judged_and_scored_on_a_crop_that_starts_on_it(tmp_path, mobilenet_weights):
     """Trained with crop_grid 8 on 40-px crops of the 48-px faces: evaluation and scoring both
     judge the crop at (0, 0), the centre rounded down to the grid, not torchvision's at (4, 4);
-    five crops that would leave the grid are refused."""
+    five crops inside a square off the grid are refused (by the config, as any such eval_size)."""
     factory, data, run_id, checkpoint, test = _one_epoch_run(
         tmp_path, mobilenet_weights, image_size=40, crop_grid=8, rotation=0)
     cache = ModelCache(precision="fp32")
@@ -145,7 +145,7 @@ def test_a_run_on_the_jpeg_grid_is_judged_and_scored_on_a_crop_that_starts_on_it
         scored = {row.path: row.p_fake for row in session.query(Prediction).filter_by(job_id=job_id)}
     assert [scored[s.path] for s in test] == pytest.approx(judged.tolist(), abs=1e-4)
 
-    with pytest.raises(EvaluationError, match="would leave the run's 8-px crop grid"):
+    with pytest.raises(ValidationError, match="eval_size 44 is not a multiple of crop_grid 8"):
         predict(checkpoint, data, test, cache=cache, eval_size=44, crops=True)
 
 
