@@ -35,8 +35,11 @@ def resize_steps(config: TrainConfig) -> list[v2.Transform]:
 
 
 def centre_offset(length: int, crop: int, grid: int = 1) -> int:
-    """Where a centred `crop` of `length` pixels starts, rounded down to a multiple of `grid`."""
-    return (length - crop) // 2 // grid * grid
+    """Where a centred `crop` of `length` pixels starts, rounded down to a multiple of `grid`.
+
+    The centre is rounded as torchvision's CenterCrop rounds it (half to even), so that with
+    grid 1 scoring's decoding paths cut the pixels evaluation's CenterCrop cuts."""
+    return round((length - crop) / 2) // grid * grid
 
 
 class GridCentreCrop(torch.nn.Module):

@@ -198,7 +198,8 @@ def test_crop_grid_starts_every_training_and_evaluation_crop_on_the_grid(tmp_pat
     """A 64-px face whose pixels say where they are (red: column, green: row): with crop_grid 8,
     16-px training crops inside the centre 40 start at 8, 16, 24, 32 (the window begins at 12,
     rounded down to 8), each offset drawn; the evaluation crop starts at 24 (the centre, 24);
-    24-px ones at 16 where CenterCrop's start at 20, in every decoding path. Rotation, which
+    24-px ones at 16 where CenterCrop's start at 20, in every decoding path, which also agree
+    with CenterCrop off the grid where the margin is odd. Rotation, which
     resamples, is refused, and so is a crop size a mirror would take off the grid."""
     columns, rows = np.meshgrid(np.arange(64) * 4, np.arange(64) * 4)
     image = torch.from_numpy(np.stack([columns, rows, np.zeros_like(rows)]).astype(np.uint8))
@@ -222,13 +223,14 @@ def test_crop_grid_starts_every_training_and_evaluation_crop_on_the_grid(tmp_pat
     face.save(tmp_path / "face.png")
     face.save(tmp_path / "face.jpg", quality=100)
     on_grid = TrainConfig(**settings, image_size=24)
-    for grid, config in ((8, on_grid), (1, off_grid)):  # scoring's paths cut the same pixels
-        expected = eval_transform(config)(face)
-        fast = normalize_batch([load_for_eval(tmp_path / "face.png", 64, 24, grid)])[0]
+    odd_margin = TrainConfig(**(settings | {"crop_grid": 1}), image_size=25)  # CenterCrop: 19.5 rounds to 20
+    for config in (on_grid, off_grid, odd_margin):  # scoring's paths cut the same pixels
+        expected, crop, grid = eval_transform(config)(face), config.eval_crop, config.crop_grid
+        fast = normalize_batch([load_for_eval(tmp_path / "face.png", 64, crop, grid)])[0]
         torch.testing.assert_close(fast, expected, rtol=0, atol=1e-5)
         jpeg = tmp_path / "face.jpg"
-        [(on_device, error)] = decode_on_device([(jpeg, read_for_device(jpeg, 64, 24, grid))],
-                                                torch.device("cpu"), 64, 24, grid)
+        [(on_device, error)] = decode_on_device([(jpeg, read_for_device(jpeg, 64, crop, grid))],
+                                                torch.device("cpu"), 64, crop, grid)
         assert error is None and start(normalize_batch([on_device.permute(1, 2, 0).numpy()])[0]) == start(expected)
     with pytest.raises(ValueError, match="crop_grid 8 keeps the crops on the JPEG block grid, which rotation 15"):
         TrainConfig(resize=64, image_size=16, crop_grid=8)
