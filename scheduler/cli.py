@@ -56,8 +56,17 @@ from realfake.sweeps import SweepSpec, expand, load_spec, variant_label
 from scheduler.local import LocalWorkers
 
 app = typer.Typer(help="Train and serve real-vs-fake face classifiers.", no_args_is_help=True, add_completion=False)
-console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    # Into a pipe or a file Rich assumes 80 columns and cuts table cells short ("succ…"):
+    # a log gets whole tables instead. COLUMNS, where set, still decides.
+    piped = not (sys.stderr if stderr else sys.stdout).isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, soft_wrap=True, width=200 if piped else None)
+
+
+console = _console()
+err = _console(stderr=True)
 USER_ERRORS = (*LIBRARY_ERRORS, ValidationError, FileNotFoundError, LookupError)
 PROGRESS_COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 JSON = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]

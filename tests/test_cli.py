@@ -236,6 +236,8 @@ def test_a_cross_validated_sweep_is_evaluated_out_of_fold(home, tmp_path):
     runs = json.loads(result.stdout)
     assert sorted(r["fold"] for r in runs) == [0, 1] and {r["status"] for r in runs} == {"succeeded"}
     assert "fold" in cli("runs", env=env, cwd=root).stdout
+    logged = cli("runs", env={k: v for k, v in env.items() if k != "COLUMNS"}, cwd=root).stdout  # piped, no COLUMNS
+    assert "succeeded" in logged and "…" not in logged  # whole cells, not Rich's 80-column guess
     variants = cli("runs", "--sweep", "1", env=env, cwd=root).stdout  # what `best` and `topN` rank
     assert "mean over their 2 folds" in variants and "2/2" in variants
 
