@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import yaml
@@ -65,4 +66,11 @@ def run_demo(workdir: Path, data: Path | None, epochs: int, console: Console) ->
     with cli.session_scope(cli._database(settings)) as session:
         best = cli._best_runs(session, None, 1)[0]
     cli.report(best, out=workdir / "report.html")
-    console.print(f"4. done. Try: REALFAKE_HOME={workdir / '.realfake'} realfake-scheduler runs")
+    console.print(f"4. done. Try: REALFAKE_HOME={workdir / '.realfake'} {_scheduler_command()} runs")
+
+
+def _scheduler_command() -> str:
+    """`realfake-scheduler` where it is on PATH; otherwise its path in this environment (`make demo`'s .venv)."""
+    if shutil.which("realfake-scheduler"):
+        return "realfake-scheduler"
+    return str(Path(sys.executable).parent / "realfake-scheduler")

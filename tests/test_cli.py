@@ -296,5 +296,7 @@ def test_demo_runs_the_whole_loop(home, tmp_path):
     result = cli("demo", "--dir", tmp_path / "demo", "--epochs", "2", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "demo" / "report.html").is_file()
+    hint = result.stdout.rsplit("Try: ", 1)[1].split()  # a command to paste as it stands
+    assert hint[0] == f"REALFAKE_HOME={tmp_path / 'demo' / '.realfake'}" and shutil.which(hint[1]) and hint[2:] == ["runs"]
     with (tmp_path / "demo" / "predictions.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 40
