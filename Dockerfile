@@ -14,5 +14,8 @@ COPY worker ./worker
 COPY scheduler ./scheduler
 # torch and torchvision come with the base image; pip keeps them
 RUN pip install . && chown -R realfake /app
+# a new named volume takes its mount point's owner from the image: without this, root's,
+# and the workers could not write checkpoints or the torch cache there
+RUN mkdir -p /artifacts && chown realfake /artifacts
 USER realfake
 CMD ["realfake-scheduler", "--help"]

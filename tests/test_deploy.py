@@ -39,6 +39,8 @@ def test_the_cluster_services_are_there():
         assert SERVICES[name]["restart"] == "unless-stopped", name
     assert SERVICES["migrate"]["restart"] == "no"
     assert SERVICES["flower"]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    # Flower's /metrics needs no credentials (checked live below): published on the loopback only
+    assert SERVICES["flower"]["ports"] == ["${FLOWER_BIND:-127.0.0.1}:${FLOWER_PORT:-5555}:5555"]
     assert "--appendonly" in SERVICES["redis"]["command"] and "--requirepass" in SERVICES["redis"]["command"]
     assert any(v.endswith(":/var/lib/postgresql/data") for v in SERVICES["postgres"]["volumes"])
     for name in ("worker-gpu0", "worker-gpu1"):
@@ -168,6 +170,7 @@ def test_compose_commands_run_a_cluster_that_flower_reports(factory, cluster_env
         assert {q["name"] for q in queues["active_queues"]} == {"train", "score"}
         status, metrics = _get(f"{base}/metrics", auth)
         assert status == 200 and 'flower_events_total{' in metrics and "train_run" in metrics
+        assert "train_run" in _get(f"{base}/metrics")[1]  # open to anyone: why compose binds the loopback
 
         for path in ("/api/tasks", "/api/workers", "/"):
             with pytest.raises(urllib.error.HTTPError) as refused:
@@ -205,7 +208,10 @@ def test_scheduler_service_is_the_cli():
 def test_dockerfile_builds_on_a_cuda_image_and_installs_the_console_scripts():
     dockerfile = (REPO / "Dockerfile").read_text()
     assert re.search(r"^FROM \S*cuda\S*", dockerfile, re.M)
-    assert "pip install ." in dockerfile and re.search(r"^USER (?!root)", dockerfile, re.M)
+    assert "pip install ." in dockerfile and (user := re.search(r"^USER (?!root)(\S+)", dockerfile, re.M))
+    # the artifacts volume's mount point, which a new named volume copies its owner from
+    artifacts = re.search(rf"^RUN mkdir -p /artifacts && chown {user[1]} /artifacts$", dockerfile, re.M)
+    assert artifacts and artifacts.start() < user.start()
     # torch.compile (`compile: true`) needs a C++ compiler, which CUDA runtime images lack
     assert re.search(r"apt-get install[^\n]*\sg\+\+(\s|$)", dockerfile, re.M)
     commands = {SERVICES[s]["command"][0] for s in ("migrate", "worker-gpu0", "flower")}
