@@ -343,7 +343,7 @@ def score(
         _print_json(summary | {"predictions": records if out is None else None})
     else:
         console.print(f"job {job_id}: {summary['scored']} scored ({summary['fake']} fake), {errors} errors"
-                      + (f"; written to {out}" if out else ""))
+                      + (f"; written to {out}" if out else "; the rows are in SQL: --out FILE writes them as CSV"))
     if errors:
         raise typer.Exit(1)
 

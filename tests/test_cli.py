@@ -166,6 +166,8 @@ def test_an_ensemble_scores_the_mean_p_fake_of_its_runs(home, finished_sweep, tm
     assert len(set(alone.values())) > 1 and alone != other
     _, mirrored = p_fake(str(ids[0]), "--tta", "--threshold", "0")
     assert mirrored.keys() == alone.keys() and mirrored != pytest.approx(alone, abs=1e-4)
+    human = cli("score", folder, "--model", str(ids[0]), "--local", env=env, cwd=root)  # no --out: says where the rows are
+    assert human.returncode == 0 and "6 scored" in human.stdout and "--out FILE writes them as CSV" in human.stdout
 
     result = cli("score", folder, "--model", "top2", "--sweep", "1", env=env, cwd=root)
     assert result.returncode == 2 and "1 succeeded run, fewer than 2" in result.stderr
