@@ -53,19 +53,24 @@ def _at_best(session: Session, runs: list[Run]) -> dict[int, dict[str, dict]]:
 
 
 def list_runs(session: Session, sweep_id: int | None = None) -> list[dict]:
-    """Runs with val and test metrics at their best epoch, best first by the sweep's metric."""
+    """Runs with val and test metrics at their best epoch, best first by their sweep's metric;
+    of several sweeps, the newest sweep's runs first (each sweep ranks by its own metric and
+    goal), runs of no sweep last."""
     query = select(Run).order_by(Run.id)
     if sweep_id is not None:
         query = query.where(Run.sweep_id == sweep_id)
     runs = list(session.scalars(query))
-    goal = "maximize"
-    if sweep_id is not None and (sweep := session.get(Sweep, sweep_id)) is not None:
-        goal = sweep.metric_goal
+    sweep_ids = {run.sweep_id for run in runs} - {None}
+    goals = dict(session.execute(select(Sweep.id, Sweep.metric_goal).where(Sweep.id.in_(sweep_ids))).all())
     at_best = _at_best(session, runs)
     rows = [run_summary(run) | {"val": at_best.get(run.id, {}).get("val"), "test": at_best.get(run.id, {}).get("test")}
             for run in runs]
-    sign = -1 if goal == "maximize" else 1
-    return sorted(rows, key=lambda r: (r["best_metric"] is None, sign * (r["best_metric"] or 0), r["id"]))
+
+    def rank(row: dict) -> tuple:
+        sign = 1 if goals.get(row["sweep_id"]) == "minimize" else -1
+        return -(row["sweep_id"] or 0), row["best_metric"] is None, sign * (row["best_metric"] or 0), row["id"]
+
+    return sorted(rows, key=rank)
 
 
 def fold_variants(session: Session, sweep: Sweep) -> list[dict]:

@@ -199,16 +199,19 @@ def runs_cmd(
             spec, variants = SweepSpec.model_validate(found.spec), fold_variants(session, found)
     if as_json:
         return _print_json(rows)
-    metric = rows[0]["selection_metric"] if rows else "metric"
+    metrics = {r["selection_metric"] for r in rows}
+    metric = metrics.pop() if len(metrics) == 1 else "metric"  # sweeps on different metrics: named per row
     folds = any(r["fold"] is not None for r in rows)
+    title = "runs, best first" if sweep is not None else "runs by sweep, newest first, each best first by its metric"
     table = Table("run", "sweep", *(["fold"] if folds else []), "status", "epochs", f"best val {metric}", "@epoch",
-                  "val acc", "val auc", "test acc", "test auc", title="runs, best first")
+                  "val acc", "val auc", "test acc", "test auc", title=title)
     for r in rows:
         val, test = r["val"] or {}, r["test"] or {}
+        best = _fmt(r["best_metric"]) + (f" {r['selection_metric']}" if metric == "metric" and r["best_metric"] is not None else "")
         table.add_row(
             str(r["id"]), _fmt(r["sweep_id"]), *([_fmt(r["fold"])] if folds else []), r["status"],
             f"{r['epochs_done']}/{r['epochs']}",
-            _fmt(r["best_metric"]), _fmt(r["best_epoch"]),
+            best, _fmt(r["best_epoch"]),
             _fmt(val.get("accuracy")), _fmt(val.get("roc_auc")), _fmt(test.get("accuracy")), _fmt(test.get("roc_auc")),
         )
     console.print(table)

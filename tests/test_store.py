@@ -33,6 +33,22 @@ def test_migrations_match_the_models_and_rerun_harmlessly(db_url):
     engine.dispose()
 
 
+def test_the_leaderboard_of_several_sweeps_ranks_each_by_its_own_metric_newest_sweep_first(factory, synthetic_data):
+    by_loss = parse_spec({"name": "loss", "metric": {"name": "loss", "goal": "minimize"},
+                          "parameters": {"lr": {"values": [1e-3, 1e-4]}}})
+    by_accuracy = parse_spec({"name": "acc", "parameters": {"lr": {"values": [1e-3, 1e-4]}}})
+    with session_scope(factory) as session:
+        loss_sweep, loss_runs = create_sweep(session, by_loss, synthetic_data)
+        loss_sweep_id, loss_ids = loss_sweep.id, [run.id for run in loss_runs]
+        accuracy_ids = [run.id for run in create_sweep(session, by_accuracy, synthetic_data)[1]]
+        alone = create_run(session, TrainConfig(), synthetic_data, SplitConfig()).id
+        for run_id, best in zip(loss_ids + accuracy_ids + [alone], (0.2, 0.6, 0.7, 0.9, 0.99)):
+            session.get(Run, run_id).best_metric = best
+    with session_scope(factory) as session:
+        assert [r["id"] for r in list_runs(session)] == [accuracy_ids[1], accuracy_ids[0], *loss_ids, alone]
+        assert [r["id"] for r in list_runs(session, loss_sweep_id)] == loss_ids  # the lower loss first
+
+
 def test_run_records_its_config_and_split(factory, synthetic_data):
     config = TrainConfig(backbone="mobilenet_v2", epochs=2)
     with session_scope(factory) as session:
