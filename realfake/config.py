@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from realfake.errors import SettingsError
+
 Backbone = Literal[
     "resnet18",
     "resnet34",
@@ -204,10 +206,26 @@ class Settings:
     heartbeat_s: float = 10.0  # how often a training worker stamps its lease
     lease_grace_s: float = 120.0  # a lease this long without a heartbeat is taken over
     resend_after_s: float = 900.0  # unclaimed runs / stalled jobs this old get their messages again
+    score_precision: str = "auto"  # scoring workers: auto | fp32 | bf16
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Raises SettingsError naming the variable whose value cannot be used."""
         env = os.environ if environ is None else environ
+
+        def seconds(name: str, default: float) -> float:
+            value = env.get(name) or str(default)
+            try:
+                parsed = float(value)
+            except ValueError:
+                parsed = float("nan")
+            if not parsed > 0 or parsed == float("inf"):
+                raise SettingsError(f"{name}={value!r}: expected a number of seconds above 0")
+            return parsed
+
+        precision = env.get("REALFAKE_SCORE_PRECISION") or "auto"
+        if precision not in ("auto", "fp32", "bf16"):
+            raise SettingsError(f"REALFAKE_SCORE_PRECISION={precision!r}: expected auto, fp32 or bf16")
         home = Path(env.get("REALFAKE_HOME", ".realfake")).absolute()
         database_url = env.get("REALFAKE_DATABASE_URL") or f"sqlite:///{home / 'realfake.db'}"
         broker_url = env.get("REALFAKE_BROKER_URL") or "filesystem://localhost//"
@@ -215,7 +233,7 @@ class Settings:
         roots = tuple(
             Path(p).absolute() for p in env.get("REALFAKE_DATA_ROOTS", "").split(":") if p
         )
-        heartbeat_s = float(env.get("REALFAKE_HEARTBEAT_S", 10))
-        grace_s = float(env.get("REALFAKE_LEASE_GRACE_S", 120))
-        resend_s = float(env.get("REALFAKE_RESEND_AFTER_S", 900))
-        return cls(home, database_url, broker_url, artifacts, roots, heartbeat_s, grace_s, resend_s)
+        heartbeat_s = seconds("REALFAKE_HEARTBEAT_S", 10)
+        grace_s = seconds("REALFAKE_LEASE_GRACE_S", 120)
+        resend_s = seconds("REALFAKE_RESEND_AFTER_S", 900)
+        return cls(home, database_url, broker_url, artifacts, roots, heartbeat_s, grace_s, resend_s, precision)

@@ -29,9 +29,14 @@ class EvaluationError(ValueError):
     """The runs cannot be evaluated as asked (no such run, no test split, mismatched splits)."""
 
 
+class SettingsError(ValueError):
+    """A REALFAKE_* environment variable has a value realfake cannot use; the message names it."""
+
+
 class WeightsUnavailable(RuntimeError):
     """Pretrained weights could not be loaded; the message says which file to put where."""
 
 
 # what the command line reports as a message with exit status 2, not a traceback
-USER_ERRORS = (DatasetError, OutsideDataRoots, SpecError, RunNotFound, ScoringError, EvaluationError, WeightsUnavailable)
+USER_ERRORS = (DatasetError, OutsideDataRoots, SpecError, RunNotFound, ScoringError, EvaluationError, SettingsError,
+               WeightsUnavailable)

@@ -262,6 +262,19 @@ def test_a_down_database_writes_nothing_and_sends_nothing(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("variable, value", [("REALFAKE_SCORE_PRECISION", "fp16"), ("REALFAKE_HEARTBEAT_S", "10s"),
+                                             ("REALFAKE_LEASE_GRACE_S", "0")])
+def test_an_unusable_setting_is_named_before_anything_starts(tmp_path, variable, value):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REALFAKE_")} | {
+        "REALFAKE_HOME": str(tmp_path / ".realfake"), "PYTHONPATH": str(REPO), variable: value}
+    for command in (["realfake-scheduler", "runs"], ["realfake-worker"]):
+        result = subprocess.run([str(Path(sys.executable).parent / command[0]), *command[1:]], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and f"{variable}={value!r}" in result.stderr, (command, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / ".realfake").exists()  # nothing written
+
+
 def test_scoring_cli_on_bad_inputs_reports_errors_in_its_exit_status(tmp_path, mobilenet_weights):
     env = {k: v for k, v in os.environ.items() if not k.startswith("REALFAKE_")} | {
         "REALFAKE_HOME": str(tmp_path / ".realfake"), "PYTHONPATH": str(REPO), "COLUMNS": "200"}

@@ -36,7 +36,13 @@ def run(
     # idle torch threads sleep instead of spinning: scoring's decoding threads share the cores
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-    from worker.celery import app  # imported only now, after CUDA_VISIBLE_DEVICES
+    from realfake.errors import SettingsError
+
+    try:
+        from worker.celery import app  # imported only now, after CUDA_VISIBLE_DEVICES
+    except SettingsError as error:  # a REALFAKE_* variable it cannot use: said, not a traceback
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
 
     app.worker_main(
         ["worker", "-Q", queues, "-c", str(concurrency), "-n", name, "-E", "-l", loglevel,

@@ -13,7 +13,7 @@ from realfake.store import make_engine, session_factory
 from worker.celery import app
 
 _factories: dict[int, sessionmaker[Session]] = {}
-_models = ModelCache(precision=os.environ.get("REALFAKE_SCORE_PRECISION", "auto"))
+_models = ModelCache(precision=app.conf.realfake_settings.score_precision)
 
 
 def _factory() -> sessionmaker[Session]:
