@@ -24,7 +24,14 @@ class MetricSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["accuracy", "f1", "roc_auc", "loss"] = "accuracy"
-    goal: Literal["maximize", "minimize"] = "maximize"
+    goal: Literal["maximize", "minimize"] = "maximize"  # unset: minimize for loss, maximize for the rest
+
+    @model_validator(mode="before")
+    @classmethod
+    def _goal_from_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("goal") is None:
+            return data | {"goal": "minimize" if data.get("name") == "loss" else "maximize"}
+        return data
 
     @property
     def higher_is_better(self) -> bool:
@@ -133,6 +140,20 @@ def parse_spec(data: Any, source: str = "sweep file") -> SweepSpec:
         spec = SweepSpec.model_validate(data)
     except ValidationError as error:
         raise SpecError(f"{source}: {_describe(error)}") from None
+    # runs keep their checkpoints by lower loss and higher everything else; pruning and `best`
+    # rank by the sweep's metric and goal: all must agree, or `best` is the worst run
+    right_goal = "minimize" if spec.metric.name == "loss" else "maximize"
+    if spec.metric.goal != right_goal:
+        raise SpecError(f"{source}: metric: {spec.metric.name} is to {right_goal}, not {spec.metric.goal} "
+                        f"(leave goal out and it follows the name)")
+    chosen = {spec.base.get("selection_metric")}
+    if "selection_metric" in spec.parameters:
+        chosen |= set(spec.parameters["selection_metric"].values or [])
+    chosen -= {None, spec.metric.name}
+    if chosen:
+        raise SpecError(f"{source}: selection_metric {', '.join(map(str, sorted(chosen)))} differs from metric.name "
+                        f"{spec.metric.name}: runs would keep checkpoints by one and be ranked by the other; "
+                        f"leave selection_metric out (it follows metric.name)")
     for index, variant in enumerate(expand(spec)):
         try:
             TrainConfig.model_validate(variant)

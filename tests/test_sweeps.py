@@ -32,6 +32,19 @@ def test_the_sweep_metric_becomes_each_runs_selection_metric():
     assert {v["selection_metric"] for v in variants} == {"loss"}
 
 
+def test_the_metric_s_goal_follows_its_name_and_a_contradiction_is_refused():
+    assert parse_spec(spec(metric={"name": "loss"})).metric.goal == "minimize"
+    assert parse_spec(spec(metric={"name": "roc_auc"})).metric.goal == "maximize"
+    with pytest.raises(SpecError, match="metric: loss is to minimize, not maximize"):
+        parse_spec(spec(metric={"name": "loss", "goal": "maximize"}))  # `best` would be the worst run
+    with pytest.raises(SpecError, match="metric: f1 is to maximize, not minimize"):
+        parse_spec(spec(metric={"name": "f1", "goal": "minimize"}))
+    for where in ({"base": {"selection_metric": "loss"}}, {"parameters": {"selection_metric": {"values": ["f1"]}}}):
+        with pytest.raises(SpecError, match="differs from metric.name accuracy"):
+            parse_spec(spec(**where))
+    assert parse_spec(spec(base={"selection_metric": "accuracy"}))  # the same as the metric: fine
+
+
 def test_random_draws_are_reproducible_from_the_seed_and_respect_distributions():
     random_spec = spec(
         method="random", max_runs=50, seed=7,
