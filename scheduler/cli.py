@@ -112,6 +112,18 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
+def _check_writable(out: Path) -> None:
+    """Refuse an --out file that cannot be written before any work starts, not after it."""
+    if out.is_dir():
+        raise typer.BadParameter(f"{out} is a folder; give a file name", param_hint="--out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise typer.BadParameter(f"cannot create the folder {out.parent}: {error.strerror}", param_hint="--out") from None
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise typer.BadParameter(f"{out} is not writable", param_hint="--out")
+
+
 def _warn_without_workers(celery, queue: str) -> None:
     """Say so when nobody consumes the queue, instead of waiting silently."""
     try:
@@ -122,7 +134,7 @@ def _warn_without_workers(celery, queue: str) -> None:
     if not any(q["name"] == queue for queues in replies.values() for q in queues):
         err.print(
             f"[yellow]warning:[/yellow] no live worker consumes the '{queue}' queue: the work waits "
-            f"in the queue until one starts (`realfake-worker`), or pass --local"
+            f"in the queue until one starts: run `realfake-worker` (submitting it again with --local would do it twice)"
         )
 
 
@@ -305,6 +317,8 @@ def score(
     as_json: JSON = False,
 ) -> None:
     """Score every image under FOLDER; exit status 1 if some files could not be scored."""
+    if out is not None:
+        _check_writable(out)
     settings = _settings()
     factory = _database(settings)
     celery = _celery(settings)
@@ -369,6 +383,7 @@ def report(
     out: Annotated[Path, typer.Option(help="HTML file to write")] = Path("report.html"),
 ) -> None:
     """A self-contained HTML page: curves, confusion matrix, ROC, per-group accuracy, config."""
+    _check_writable(out)
     with session_scope(_database(_settings())) as session:
         path = render_report(session, run, out)
     console.print(f"report of run {run} written to {path}")
@@ -492,6 +507,9 @@ def main() -> None:
         err.print(f"[red]error:[/red] cannot reach the database {where}: {reason}. Nothing was written.")
         sys.exit(1)
     except BrokerUnreachable as error:
+        err.print(f"[red]error:[/red] {error}")
+        sys.exit(1)
+    except OSError as error:  # the machine's, not the arguments': a full disk, a file another process took
         err.print(f"[red]error:[/red] {error}")
         sys.exit(1)
 

@@ -298,6 +298,9 @@ def test_scoring_cli_on_bad_inputs_reports_errors_in_its_exit_status(tmp_path, m
     assert _cli("score", tmp_path / "nowhere", env=env).returncode == 2
     assert _cli("score", folder, "--model", "latest", env=env).returncode == 2
     assert _cli("score", folder, "--batch-size", "0", env=env).returncode == 2
+    for command in (["score", folder, "--model", "1"], ["report", "1"]):  # refused before any work
+        result = _cli(*command, "--out", tmp_path, env=env)
+        assert result.returncode == 2 and "--out" in result.stderr and "is a folder" in result.stderr, result.stderr
 
 
 def test_stalled_jobs_get_their_missing_shards_sent_again(tiny_run, tmp_path):
