@@ -19,6 +19,7 @@ from PIL import Image, JpegImagePlugin
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.tree import DecisionTreeClassifier
 
+from realfake.errors import DatasetError
 from realfake.samples import Sample, discover
 
 # The IJG standard luminance table, for estimating the quality a JPEG was saved at.
@@ -74,8 +75,18 @@ def _categorical_rule(values: list, labels: np.ndarray, folds: StratifiedKFold) 
 def audit(root: Path | str, samples: Sequence[Sample] | None = None) -> dict:
     root = Path(root)
     samples = list(samples) if samples is not None else discover(root)
-    rows = [image_metadata(root / s.path) for s in samples]
-    labels = np.array([s.label for s in samples])
+    rows, readable, unreadable = [], [], []
+    for sample in samples:  # a file that will not open is listed, not the end of the audit
+        try:
+            rows.append(image_metadata(root / sample.path))
+            readable.append(sample)
+        except Exception as error:
+            unreadable.append({"path": sample.path, "error": f"{type(error).__name__}: {error}"})
+    samples = readable
+    labels = np.array([s.label for s in samples], dtype=int)
+    if min(np.bincount(labels, minlength=2)) < 2:
+        raise DatasetError(f"{root}: fewer than 2 readable images in a class "
+                           f"({len(unreadable)} unreadable); the audit needs both classes")
     folds = StratifiedKFold(n_splits=min(5, int(np.bincount(labels).min())), shuffle=True, random_state=0)
     baseline = float(np.bincount(labels).max() / len(labels))
     features = []
@@ -103,6 +114,7 @@ def audit(root: Path | str, samples: Sequence[Sample] | None = None) -> dict:
         "real": int((labels == 0).sum()),
         "fake": int((labels == 1).sum()),
         "baseline_accuracy": baseline,
+        "unreadable": unreadable,
         "features": sorted(features, key=lambda f: -f["rule_accuracy"]),
         "shortcut_free": {
             "rule": "real images, plus fakes whose JPEG quantization tables also occur among the reals",

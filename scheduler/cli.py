@@ -460,6 +460,9 @@ def audit(
         return _print_json(result)
     console.print(f"{result['images']} images ({result['real']} real, {result['fake']} fake); "
                   f"always answering the larger class: {result['baseline_accuracy']:.3f}")
+    if bad := result["unreadable"]:
+        shown = "; ".join(f"{b['path']} ({b['error']})" for b in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        err.print(f"[yellow]warning:[/yellow] {len(bad)} unreadable file(s) left out of the audit: {shown}")
     table = Table("feature", "distinct values", "rule accuracy (5-fold)", "above baseline", "most common values",
                   title="a rule on one piece of metadata alone")
     for f in result["features"]:

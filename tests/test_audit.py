@@ -25,6 +25,18 @@ def test_a_planted_compression_shortcut_is_found(tmp_path):
     assert result["shortcut_free"]["fake"] == 0  # no fake shares the reals' tables
 
 
+def test_an_unreadable_file_is_listed_and_left_out(tmp_path):
+    data = make_synthetic(tmp_path / "data", per_class=10, size=32)
+    (data / "fake" / "hard_bad.jpg").write_bytes(b"not an image")
+    result = audit(data)
+    assert (result["images"], result["fake"]) == (20, 10)
+    assert [b["path"] for b in result["unreadable"]] == ["fake/hard_bad.jpg"]
+    assert "UnidentifiedImageError" in result["unreadable"][0]["error"]
+    cli = subprocess.run([sys.executable, "-m", "scheduler.cli", "audit", str(data)], capture_output=True, text=True,
+                         cwd=REPO, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"})
+    assert cli.returncode == 0 and "1 unreadable file(s) left out of the audit: fake/hard_bad.jpg" in cli.stderr
+
+
 def test_metadata_of_one_file(tmp_path):
     Image.new("RGB", (30, 20)).save(tmp_path / "a.jpg", quality=75)
     meta = image_metadata(tmp_path / "a.jpg")
