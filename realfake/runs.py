@@ -91,15 +91,11 @@ def create_run(
     return run
 
 
-def create_sweep(
-    session: Session, spec: SweepSpec, data: Path | str | None = None, roots: tuple[Path, ...] = ()
-) -> tuple[Sweep, list[Run]]:
-    """The sweep and its WAITING runs, sharing one split (with `split.folds`, one run of each
-    variant per fold); nothing is enqueued here.
-
-    Everything is checked before the first row is added: the spec (already parsed), the
-    data folder and its classes, the split. The caller commits, then enqueues.
-    """
+def sweep_data(
+    spec: SweepSpec, data: Path | str | None = None, roots: tuple[Path, ...] = ()
+) -> tuple[Path, dict[int | None, dict[str, list[list]]]]:
+    """The sweep's data folder and its split (one per fold, keyed by fold; None without folds),
+    after checking the folder, its classes and that every image decodes."""
     folder = data or spec.data
     if not folder:
         raise SpecError("data: no data folder: set `data:` in the sweep file or pass --data")
@@ -109,7 +105,20 @@ def create_sweep(
     samples = discover(root, roots or None)
     check_images(root, samples)
     folds = range(spec.split.folds) if spec.split.folds else [None]
-    split_parts = {fold: samples_to_json(stratified_split(samples, spec.split, fold)) for fold in folds}
+    return root, {fold: samples_to_json(stratified_split(samples, spec.split, fold)) for fold in folds}
+
+
+def create_sweep(
+    session: Session, spec: SweepSpec, data: Path | str | None = None, roots: tuple[Path, ...] = ()
+) -> tuple[Sweep, list[Run]]:
+    """The sweep and its WAITING runs, sharing one split (with `split.folds`, one run of each
+    variant per fold); nothing is enqueued here.
+
+    Everything is checked before the first row is added: the spec (already parsed), the
+    data folder and its classes, the split. The caller commits, then enqueues.
+    """
+    root, split_parts = sweep_data(spec, data, roots)
+    folds = list(split_parts)
     configs = [TrainConfig.model_validate(variant) for variant in expand(spec)]
     sweep = Sweep(
         name=spec.name,

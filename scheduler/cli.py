@@ -39,7 +39,7 @@ from realfake.report import (
     render_report,
     run_detail,
 )
-from realfake.runs import create_sweep, request_cancel
+from realfake.runs import create_sweep, request_cancel, sweep_data
 from realfake.scoring import create_scoring_job, job_progress
 from realfake.store import (
     Prediction,
@@ -167,12 +167,16 @@ def sweep(
     """Create a sweep and its runs, then enqueue them."""
     spec = load_spec(spec_file)
     settings = _settings()
-    if dry_run:
+    if dry_run:  # every check the sweep itself makes, the data's included; nothing written
+        root, parts = sweep_data(spec, data, settings.data_roots)
         variants = expand(spec)
+        sizes = {part: len(files) for part, files in next(iter(parts.values())).items()}
         if as_json:
-            return _print_json({"name": spec.name, "variants": variants})
+            return _print_json({"name": spec.name, "data": str(root), "split": sizes, "variants": variants})
         for index, variant in enumerate(variants):
-            console.print(f"variant {index}: {variant_label(spec, variant)}")
+            console.print(f"variant {index}: {variant_label(spec, variant) or '(base)'}")
+        console.print(f"data {root}: " + ", ".join(f"{part} {n}" for part, n in sizes.items()) + " images"
+                      + (f" (fold 0 of {spec.split.folds})" if spec.split.folds else ""))
         if spec.split.folds:
             console.print(f"each variant trains {spec.split.folds} runs, one per fold")
         return

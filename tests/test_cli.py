@@ -264,11 +264,13 @@ def test_a_bad_sweep_is_rejected_before_anything_is_written(home, tmp_path):
     assert result.returncode == 2 and "parameters.lr.value: unknown key" in result.stderr
 
     missing = sweep_file(tmp_path / "missing.yaml", tmp_path / "nowhere", [1e-3])
-    result = cli("sweep", missing, env=env, cwd=tmp_path)
-    assert result.returncode == 2 and "data: folder" in result.stderr and "does not exist" in result.stderr
+    for dry_run in ([], ["--dry-run"]):  # a dry run makes every check the sweep makes
+        result = cli("sweep", missing, *dry_run, env=env, cwd=tmp_path)
+        assert result.returncode == 2 and "data: folder" in result.stderr and "does not exist" in result.stderr
 
     result = cli("sweep", sweep_file(tmp_path / "ok.yaml", data, [1e-3, 1e-4]), "--dry-run", env=env, cwd=tmp_path)
     assert result.returncode == 0 and "variant 1: lr=0.0001" in result.stdout
+    assert f"data {data}: train 12, val 4, test 4 images" in result.stdout  # 20 faces at val 0.2, test 0.2
     result = cli("runs", "--json", env=env, cwd=tmp_path)
     assert json.loads(result.stdout) == [] and result.loaded == set()  # nothing written; no torch loaded
 
