@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -109,6 +110,13 @@ class TrainConfig(BaseModel):
     compile: bool = Field(False, description="torch.compile the model (pays off on GPUs; compiling takes minutes)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     decode_cache: bool = Field(True, description="cache decoded, resized images across epochs and runs")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"device {value!r}: expected auto, cpu, cuda or cuda:N")
+        return value
 
     @field_validator("jpeg_quality")
     @classmethod

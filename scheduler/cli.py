@@ -197,6 +197,12 @@ def sweep(
     with LocalWorkers(workers, settings.home / "logs"):
         _wait_for_runs(factory, run_ids)
     runs_cmd(sweep=sweep_id, as_json=as_json)
+    with session_scope(factory) as session:
+        failed = session.execute(select(Run.id, Run.error).where(Run.id.in_(run_ids), Run.status == RunStatus.FAILED)).all()
+    for run_id, error in failed:  # the reason, here, rather than only a "failed" row
+        err.print(f"[red]run {run_id} failed:[/red] {error}")
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command("runs")

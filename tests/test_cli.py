@@ -293,6 +293,12 @@ def test_a_bad_sweep_is_rejected_before_anything_is_written(home, tmp_path):
     result = cli("evaluate", "1", env=env, cwd=tmp_path)  # evaluating runs models: it loads torch
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "torch" in result.loaded
 
+    lost = yaml.safe_load((tmp_path / "ok.yaml").read_text())  # weights a worker cannot find
+    lost["base"]["weights"] = str(tmp_path / "nowhere.pth")
+    (tmp_path / "lost.yaml").write_text(yaml.safe_dump(lost | {"max_attempts": 1, "parameters": {}}))
+    result = cli("sweep", tmp_path / "lost.yaml", "--local", env=env, cwd=tmp_path)
+    assert result.returncode == 1 and "run 3 failed:" in result.stderr and "nowhere.pth" in result.stderr
+
 
 @pytest.mark.slow
 def test_demo_runs_the_whole_loop(home, tmp_path):
