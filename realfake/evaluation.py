@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from scipy.stats import binomtest
 from sklearn.metrics import roc_curve
 from sqlalchemy.orm import Session
@@ -62,7 +63,11 @@ def predict(checkpoint: Path, root: Path, samples: Sequence[Sample], tta: bool =
         if eval_size <= config.image_size:
             raise EvaluationError(f"five crops of {config.image_size} px need a larger square than {eval_size} px")
     if eval_size is not None:
-        config = TrainConfig.model_validate(config.model_dump() | {"eval_size": eval_size})
+        try:
+            config = TrainConfig.model_validate(config.model_dump() | {"eval_size": eval_size})
+        except ValidationError as error:  # larger than the run's resize, or off its crop grid
+            reason = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
+            raise EvaluationError(f"--eval-size {eval_size} does not fit the run's config: {reason}") from None
     decoded = None
     if decoded_dir is not None and config.decode_cache and samples:
         decoded = DecodedCache(Path(decoded_dir), root, samples, config)

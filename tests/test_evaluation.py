@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pydantic import ValidationError
 from sklearn.metrics import roc_auc_score
 from torchvision.transforms.v2 import functional as F
 
@@ -114,7 +113,7 @@ def test_a_run_judges_the_whole_image_when_eval_size_says_so(tmp_path, mobilenet
         scored = {row.path: row.p_fake for row in session.query(Prediction).filter_by(job_id=job_id)}
     assert [scored[s.path] for s in test] == pytest.approx(whole.tolist(), abs=1e-4)
 
-    with pytest.raises(ValidationError, match="eval_size 64 is larger than resize 48"):
+    with pytest.raises(EvaluationError, match="--eval-size 64 does not fit the run's config: eval_size 64 is larger than resize 48"):
         predict(checkpoint, data, test, cache=cache, eval_size=64)
 
 
@@ -145,7 +144,7 @@ def test_a_run_on_the_jpeg_grid_is_judged_and_scored_on_a_crop_that_starts_on_it
         scored = {row.path: row.p_fake for row in session.query(Prediction).filter_by(job_id=job_id)}
     assert [scored[s.path] for s in test] == pytest.approx(judged.tolist(), abs=1e-4)
 
-    with pytest.raises(ValidationError, match="eval_size 44 is not a multiple of crop_grid 8"):
+    with pytest.raises(EvaluationError, match="eval_size 44 is not a multiple of crop_grid 8"):
         predict(checkpoint, data, test, cache=cache, eval_size=44, crops=True)
 
 

@@ -275,6 +275,16 @@ def test_an_unusable_setting_is_named_before_anything_starts(tmp_path, variable,
     assert not (tmp_path / ".realfake").exists()  # nothing written
 
 
+@pytest.mark.parametrize("url", ["postgres://realfake:hunter2@127.0.0.1/x", "hunter2@nowhere"])
+def test_a_database_url_no_engine_takes_is_named_without_its_password(tmp_path, url):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REALFAKE_")} | {
+        "REALFAKE_HOME": str(tmp_path), "PYTHONPATH": str(REPO), "REALFAKE_DATABASE_URL": url}
+    result = _cli("runs", env=env)
+    assert result.returncode == 2 and "REALFAKE_DATABASE_URL" in result.stderr, result.stderr
+    assert "postgresql+psycopg://USER:PASSWORD@HOST" in result.stderr and "hunter2" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_scoring_cli_on_bad_inputs_reports_errors_in_its_exit_status(tmp_path, mobilenet_weights):
     env = {k: v for k, v in os.environ.items() if not k.startswith("REALFAKE_")} | {
         "REALFAKE_HOME": str(tmp_path / ".realfake"), "PYTHONPATH": str(REPO), "COLUMNS": "200"}

@@ -13,16 +13,28 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
+from realfake.errors import SettingsError
+
 MIGRATIONS = Path(__file__).with_name("migrations")
+_URL_FORMS = "realfake takes sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL, foreign keys and a busy timeout."""
-    parsed = make_url(url)
+    """An engine for `url`; SQLite gets WAL, foreign keys and a busy timeout. A URL no engine
+    can be made of raises SettingsError, naming it without its password."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise SettingsError(f"REALFAKE_DATABASE_URL is not a database URL; {_URL_FORMS}") from None
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        try:
+            return create_engine(url, pool_pre_ping=True)
+        except (ArgumentError, ImportError) as error:  # an unknown dialect or a driver not installed
+            shown = parsed.render_as_string(hide_password=True)
+            raise SettingsError(f"REALFAKE_DATABASE_URL {shown}: {error}; {_URL_FORMS}") from None
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"timeout": 30})
