@@ -277,7 +277,7 @@ def cancel(
 ) -> None:
     """Cancel a run or a sweep: the flag is read between batches; rows are kept."""
     if (run is None) == (sweep is None):
-        raise typer.BadParameter("give a RUN id or --sweep ID, not both")
+        raise typer.BadParameter("give a RUN id or --sweep ID" + (", not both" if run is not None else ""))
     factory = _database(_settings())
     with session_scope(factory) as session:
         if sweep is not None and session.get(Sweep, sweep) is None:
@@ -417,6 +417,8 @@ def evaluate(
                 raise ValueError
         except ValueError:
             raise typer.BadParameter(f"must be 'val' or a number in [0, 1], not {threshold!r}", param_hint="--threshold")
+    if runs and (top is not None or sweep is not None):
+        raise typer.BadParameter("give run ids, or --top N (and --sweep ID), not both", param_hint="RUNS")
     settings = _settings()
     with session_scope(_database(settings)) as session:
         if top is not None:

@@ -214,7 +214,8 @@ def test_evaluate_reports_the_test_split_per_group_and_shortcut_free(home, finis
     assert table.returncode == 0 and "shortcut-free" in table.stdout and "group hard" in table.stdout
     assert "validation" in table.stdout
     for args, message in [(("999",), "no such run: 999"), (("--top", "2", "--sweep", "1"), "1 succeeded run, fewer than 2"),
-                          ((str(strong), "--threshold", "high"), "--threshold")]:
+                          ((str(strong), "--threshold", "high"), "--threshold"),
+                          ((str(strong), "--sweep", "1"), "not both")]:  # --sweep is for --top: not ignored
         result = cli("evaluate", *args, env=env, cwd=root)
         assert result.returncode == 2 and message in result.stderr, result.stderr
 
