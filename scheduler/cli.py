@@ -348,30 +348,55 @@ def score(
             _wait_for_job(factory, job_id, n_files)
     else:
         _warn_without_workers(celery, "score")
+        err.print(f"(leaving does not stop the job: `realfake-scheduler job {job_id} --out FILE` fetches its rows later)")
         _wait_for_job(factory, job_id, n_files)
+    _job_result(factory, job_id, out, as_json)
+
+
+@app.command("job")
+def job_cmd(
+    job: Annotated[int, typer.Argument(help="scoring job id (score prints it)")],
+    out: Annotated[Optional[Path], typer.Option(help="CSV file to write the rows to")] = None,
+    as_json: JSON = False,
+) -> None:
+    """A scoring job's rows so far: how many files are done, and the CSV or JSON of them."""
+    if out is not None:
+        _check_writable(out)
+    _job_result(_database(_settings()), job, out, as_json)
+
+
+def _job_result(factory, job_id: int, out: Path | None, as_json: bool) -> None:
+    """Summarise a scoring job's rows, write them to `out` as CSV; exit 1 if a file could not be scored."""
     with session_scope(factory) as session:
+        job = session.get(ScoringJob, job_id)
+        if job is None:
+            raise LookupError(f"scoring job {job_id} does not exist")
         rows = session.scalars(select(Prediction).where(Prediction.job_id == job_id).order_by(Prediction.path)).all()
-        folder_text = session.get(ScoringJob, job_id).folder
-    records = [
-        {"path": os.path.join(folder_text, r.path), "p_fake": r.p_fake, "label": r.label, "error": r.error}
-        for r in rows
-    ]
+        records = [{"path": os.path.join(job.folder, r.path), "p_fake": r.p_fake, "label": r.label, "error": r.error}
+                   for r in rows]
+        run_ids = job.run_ids or [job.run_id]
+        n_files, tta, threshold = job.n_files, job.tta, job.threshold
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["path", "p_fake", "label", "error"])
             writer.writeheader()
             writer.writerows(records)
-    errors = sum(r["error"] is not None for r in records)
-    summary = {"job_id": job_id, "run_id": run_ids[0], "run_ids": run_ids, "files": n_files, "scored": len(records) - errors,
-               "errors": errors, "fake": sum(r["label"] == "fake" for r in records), "tta": tta, "threshold": threshold,
-               "out": str(out) if out else None}
+    failed = [r for r in records if r["error"] is not None]
+    summary = {"job_id": job_id, "run_id": run_ids[0], "run_ids": run_ids, "files": n_files,
+               "scored": len(records) - len(failed), "errors": len(failed), "fake": sum(r["label"] == "fake" for r in records),
+               "pending": n_files - len(records), "tta": tta, "threshold": threshold, "out": str(out) if out else None}
     if as_json:
         _print_json(summary | {"predictions": records if out is None else None})
     else:
-        console.print(f"job {job_id}: {summary['scored']} scored ({summary['fake']} fake), {errors} errors"
-                      + (f"; written to {out}" if out else "; the rows are in SQL: --out FILE writes them as CSV"))
-    if errors:
+        pending = f", {summary['pending']} not scored yet" if summary["pending"] else ""
+        console.print(f"job {job_id}: {summary['scored']} scored ({summary['fake']} fake), {len(failed)} errors{pending}"
+                      + (f"; written to {out}" if out else "; --out FILE writes the rows as CSV"))
+        for r in failed[:10]:
+            err.print(f"  {r['path']}: {r['error']}")
+        if len(failed) > 10:
+            err.print(f"  and {len(failed) - 10} more")
+    if failed:
         raise typer.Exit(1)
 
 

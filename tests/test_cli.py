@@ -166,8 +166,14 @@ def test_an_ensemble_scores_the_mean_p_fake_of_its_runs(home, finished_sweep, tm
     assert len(set(alone.values())) > 1 and alone != other
     _, mirrored = p_fake(str(ids[0]), "--tta", "--threshold", "0")
     assert mirrored.keys() == alone.keys() and mirrored != pytest.approx(alone, abs=1e-4)
-    human = cli("score", folder, "--model", str(ids[0]), "--local", env=env, cwd=root)  # no --out: says where the rows are
-    assert human.returncode == 0 and "6 scored" in human.stdout and "--out FILE writes them as CSV" in human.stdout
+    human = cli("score", folder, "--model", str(ids[0]), "--local", env=env, cwd=root)  # no --out: the rows stay in SQL
+    assert human.returncode == 0 and "6 scored" in human.stdout and "--out FILE writes the rows as CSV" in human.stdout
+    job_id = human.stdout.split("job ", 1)[1].split(":", 1)[0]
+    fetched = cli("job", job_id, "--out", tmp_path / "later.csv", env=env, cwd=root)  # and come back later
+    assert fetched.returncode == 0 and "6 scored" in fetched.stdout and fetched.loaded == set()
+    with (tmp_path / "later.csv").open() as handle:
+        assert {os.path.basename(r["path"]): float(r["p_fake"]) for r in csv.DictReader(handle)} == pytest.approx(alone)
+    assert cli("job", "999", env=env, cwd=root).returncode == 2
 
     result = cli("score", folder, "--model", "top2", "--sweep", "1", env=env, cwd=root)
     assert result.returncode == 2 and "1 succeeded run, fewer than 2" in result.stderr
