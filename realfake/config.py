@@ -30,10 +30,10 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # model
-    backbone: Backbone = "resnet50"
+    backbone: Backbone = Field("resnet50", description="torchvision backbone; its classifier is replaced by the head")
     weights: str = Field("imagenet", description="imagenet | none | path to a state dict")
-    hidden: int = Field(512, ge=1)
-    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    hidden: int = Field(512, ge=1, description="width of the head: Linear(features, hidden)-ReLU-Dropout-Linear(hidden, 2)")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout in the head")
     freeze: int = Field(0, ge=0, description="leading backbone stages kept frozen")
     pool: Literal["avg", "gem"] = Field(
         "avg", description="how the feature map becomes one vector: avg (torchvision's), or gem: "
@@ -41,8 +41,8 @@ class TrainConfig(BaseModel):
     )
 
     # input and augmentation
-    resize: int = Field(256, ge=8)
-    image_size: int = Field(224, ge=8)
+    resize: int = Field(256, ge=8, description="images are resized to this square first (600: the real faces' own size)")
+    image_size: int = Field(224, ge=8, description="random training crop, and the centre crop judged")
     eval_size: int | None = Field(
         None, ge=8, description="centre crop for validation, test and scoring; default image_size, "
         "at most resize (the whole resized image: the backbones pool over any size)"
@@ -56,12 +56,12 @@ class TrainConfig(BaseModel):
         "resized image: 8 keeps a JPEG's 8x8 blocks where its encoder put them in every crop (where resize "
         "is the originals' own size and rotation 0, so no pixel is resampled); 1 = anywhere"
     )
-    rotation: float = Field(15.0, ge=0.0)
-    color_jitter: float = Field(0.2, ge=0.0)
+    rotation: float = Field(15.0, ge=0.0, description="random rotation in training, up to this many degrees; 0 = off")
+    color_jitter: float = Field(0.2, ge=0.0, description="brightness, contrast and saturation jitter in training; 0 = off")
     jpeg_quality: tuple[int, int] | None = Field(
         None, description="re-encode training images at a random JPEG quality in this range"
     )
-    jpeg_p: float = Field(0.5, ge=0.0, le=1.0)
+    jpeg_p: float = Field(0.5, ge=0.0, le=1.0, description="share of training images re-encoded at jpeg_quality (when set)")
     splice_p: float = Field(
         0.0, ge=0.0, le=1.0, description="each fake training image is, with this probability, replaced by "
         "a synthetic fake: a real training face with its eyes, nose or mouth pasted back from a moved, "
@@ -69,8 +69,8 @@ class TrainConfig(BaseModel):
     )
 
     # optimisation
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-4, gt=0.0)
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="sgd uses momentum")
+    lr: float = Field(1e-4, gt=0.0, description="learning rate (of the head too, where backbone_lr is set)")
     backbone_lr: float | None = Field(
         None, gt=0.0, description="learning rate of the backbone, below the new head's `lr` to keep more "
         "of what the pretrained weights know; None = lr"
@@ -80,11 +80,11 @@ class TrainConfig(BaseModel):
         "rate held at 0 (linear probing before fine-tuning: a random head's first gradients do not "
         "reshape the pretrained features); 0 = off"
     )
-    weight_decay: float = Field(0.0, ge=0.0)
-    momentum: float = Field(0.9, ge=0.0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_epochs: int = Field(0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, description="decoupled with adamw, L2 with adam and sgd")
+    momentum: float = Field(0.9, ge=0.0, description="sgd only")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="per epoch after warm-up: constant, or cosine decay toward 0")
+    warmup_epochs: int = Field(0, ge=0, description="epochs of linear warm-up at the start (lr x 1/(n+1), 2/(n+1), ...); 0 = off")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="of the cross-entropy loss; 0 = off")
     region_weight: float = Field(
         0.0, ge=0.0, description="weight of a second loss on which face regions a fake replaced "
         "(left eye, right eye, nose, mouth, as its file name says: *_1010.jpg); 0 = off"
@@ -97,12 +97,14 @@ class TrainConfig(BaseModel):
         0.0, ge=0.0, lt=1.0, description="validate, test and keep an exponential moving average of "
         "the weights, updated each step with this decay (0.99: about the last 100 steps); 0 = off"
     )
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    seed: int = 0
+    epochs: int = Field(10, ge=1, description="passes over the training split")
+    batch_size: int = Field(32, ge=1, description="training batch size")
+    seed: int = Field(0, description="initialisation, data order and augmentation draws")
 
     # running
-    selection_metric: SelectionMetric = "accuracy"
+    selection_metric: SelectionMetric = Field(
+        "accuracy", description="val metric that picks the best epoch (best.pt); in a sweep, its metric.name"
+    )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), fp32 elsewhere"

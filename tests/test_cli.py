@@ -13,6 +13,7 @@ import sys
 import pytest
 import yaml
 
+from realfake.config import TrainConfig
 from realfake.synthetic import make_synthetic
 from tests.conftest import REPO
 
@@ -299,6 +300,13 @@ def test_a_bad_sweep_is_rejected_before_anything_is_written(home, tmp_path):
     assert result.returncode == 2 and result.loaded == set()
     result = cli("evaluate", "1", env=env, cwd=tmp_path)  # evaluating runs models: it loads torch
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "torch" in result.loaded
+
+    keys = cli("keys", "--json", env=env, cwd=tmp_path)  # the reference for sweep files' base and parameters
+    assert keys.returncode == 0 and keys.loaded == set()
+    by_key = {row["key"]: row for row in json.loads(keys.stdout)}
+    assert set(by_key) == set(TrainConfig.model_fields) and all(row["description"] for row in by_key.values())
+    assert by_key["optimizer"]["values"] == "adam | adamw | sgd" and by_key["lr"]["default"] == 1e-4
+    assert by_key["jpeg_quality"]["values"] == "[integer, integer] or null"
 
     lost = yaml.safe_load((tmp_path / "ok.yaml").read_text())  # weights a worker cannot find
     lost["base"]["weights"] = str(tmp_path / "nowhere.pth")
