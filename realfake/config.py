@@ -168,6 +168,24 @@ class TrainConfig(BaseModel):
         return self.selection_metric != "loss"
 
 
+def training_keys() -> list[dict]:
+    """TrainConfig's keys as a reference: each with its allowed values, default and meaning."""
+    bounds = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+
+    def values(schema: dict) -> str:
+        if "anyOf" in schema:
+            return " or ".join(values(option) for option in schema["anyOf"])
+        if "enum" in schema:
+            return " | ".join(map(str, schema["enum"]))
+        if "prefixItems" in schema:  # a fixed-length list, e.g. jpeg_quality: [low, high]
+            return "[" + ", ".join(values(item) for item in schema["prefixItems"]) + "]"
+        return " ".join([schema.get("type", "any"), *(f"{sign} {schema[k]}" for k, sign in bounds.items() if k in schema)])
+
+    schema = TrainConfig.model_json_schema()["properties"]
+    return [{"key": name, "values": values(schema[name]), "default": field.default, "description": field.description}
+            for name, field in TrainConfig.model_fields.items()]
+
+
 class SplitConfig(BaseModel):
     """Fractions of the data held out for validation and test, and the shuffling seed.
 

@@ -514,23 +514,9 @@ def audit(
 @app.command()
 def keys(as_json: JSON = False) -> None:
     """Every training key a sweep file's `base` and `parameters` take: values, default, meaning."""
-    from realfake.config import TrainConfig
+    from realfake.config import training_keys
 
-    bounds = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
-
-    def values(schema: dict) -> str:
-        if "anyOf" in schema:
-            return " or ".join(values(option) for option in schema["anyOf"])
-        if "enum" in schema:
-            return " | ".join(map(str, schema["enum"]))
-        if "prefixItems" in schema:  # a fixed-length list, e.g. jpeg_quality: [low, high]
-            return "[" + ", ".join(values(item) for item in schema["prefixItems"]) + "]"
-        kind = schema.get("type", "any")
-        return " ".join([kind, *(f"{sign} {schema[k]}" for k, sign in bounds.items() if k in schema)])
-
-    schema = TrainConfig.model_json_schema()["properties"]
-    rows = [{"key": name, "values": values(schema[name]), "default": field.default, "description": field.description}
-            for name, field in TrainConfig.model_fields.items()]
+    rows = training_keys()
     if as_json:
         return _print_json(rows)
     table = Table("key", "values", "default", "what it does", title="training keys (TrainConfig)")
