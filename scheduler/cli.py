@@ -481,7 +481,7 @@ def evaluate(
     console.print(table)
     if scorable:  # the exact cut-off: it is a validation face's score, and rounding could move a file across
         err.print(f"to label new files the same way: realfake-scheduler score FOLDER --model "
-                  f"{','.join(map(str, dict.fromkeys(runs)))}{' --tta' if tta else ''} --threshold {result['threshold']!r}")
+                  f"{','.join(map(str, dict.fromkeys(runs)))}{' --tta' if tta else ''} --threshold {result['threshold']!r} --out preds.csv")
 
 
 @app.command()
