@@ -454,10 +454,14 @@ def evaluate(
         from realfake.evaluation import evaluate_runs
 
         with Progress(*PROGRESS_COLUMNS, console=err) as bar:
-            task = bar.add_task("faces judged", total=None)
+            tasks = []  # the bar appears once the runs are found, not before an error about them
+
+            def judged(done: int, total: int) -> None:
+                tasks or tasks.append(bar.add_task("faces judged", total=total))
+                bar.update(tasks[0], completed=done, total=total)
+
             result = evaluate_runs(session, runs, tta=tta, threshold=threshold, eval_size=eval_size, crops=crops,
-                                   decoded_dir=decoded_cache_dir(settings.artifacts),
-                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
+                                   decoded_dir=decoded_cache_dir(settings.artifacts), progress=judged)
     # evaluate_runs has found every run's checkpoint; scoring judges each run's own crop
     scorable = not (crops or eval_size)
     if as_json:
