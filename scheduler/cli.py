@@ -26,6 +26,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -62,11 +63,18 @@ def _console(stderr: bool = False) -> Console:
     # Into a pipe or a file Rich assumes 80 columns and cuts table cells short ("succ…"):
     # a log gets whole tables instead. COLUMNS, where set, still decides.
     piped = not (sys.stderr if stderr else sys.stdout).isatty() and "COLUMNS" not in os.environ
-    return Console(stderr=stderr, soft_wrap=True, width=200 if piped else None)
+    # markup off: paths, file names and error messages are printed as they are ("faces[/old]"
+    # would be a Rich closing tag); colour comes from styles, see _label
+    return Console(stderr=stderr, soft_wrap=True, width=200 if piped else None, markup=False)
 
 
 console = _console()
 err = _console(stderr=True)
+
+
+def _label(label: str, style: str, message: str) -> Text:
+    """`label` in colour, then `message` exactly as it is."""
+    return Text.assemble((label, style), " ", message)
 USER_ERRORS = (*LIBRARY_ERRORS, ValidationError, FileNotFoundError, LookupError)
 PROGRESS_COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 JSON = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
@@ -129,13 +137,13 @@ def _warn_without_workers(celery, queue: str) -> None:
     try:
         replies = celery.control.inspect(timeout=1.5).active_queues() or {}
     except Exception as error:  # the broker itself is unreachable
-        err.print(f"[yellow]warning:[/yellow] cannot ask the workers ({error})")
+        err.print(_label("warning:", "yellow", f"cannot ask the workers ({error})"))
         return
     if not any(q["name"] == queue for queues in replies.values() for q in queues):
-        err.print(
-            f"[yellow]warning:[/yellow] no live worker consumes the '{queue}' queue: the work waits "
+        err.print(_label(
+            "warning:", "yellow", f"no live worker consumes the '{queue}' queue: the work waits "
             f"in the queue until one starts: run `realfake-worker` (submitting it again with --local would do it twice)"
-        )
+        ))
 
 
 def _wait_for_runs(factory, run_ids: list[int]) -> None:
@@ -200,7 +208,7 @@ def sweep(
     with session_scope(factory) as session:
         failed = session.execute(select(Run.id, Run.error).where(Run.id.in_(run_ids), Run.status == RunStatus.FAILED)).all()
     for run_id, error in failed:  # the reason, here, rather than only a "failed" row
-        err.print(f"[red]run {run_id} failed:[/red] {error}")
+        err.print(_label(f"run {run_id} failed:", "red", str(error)))
     if failed:
         raise typer.Exit(1)
 
@@ -259,7 +267,7 @@ def show(run: Annotated[int, typer.Argument(help="run id")], as_json: JSON = Fal
                   f"({detail['selection_metric']} {_fmt(detail['best_metric'])})")
     console.print("config: " + json.dumps(detail["config"]))
     if detail["error"]:
-        console.print(f"[red]error:[/red] {detail['error']}")
+        console.print(_label("error:", "red", detail["error"]))
     table = Table("epoch", "split", "loss", "acc", "prec", "recall", "f1", "auc", "groups")
     for row in detail["epochs_table"]:
         groups = " ".join(f"{g} {a:.2f}" for g, a in row["group_accuracy"].items())
@@ -503,13 +511,13 @@ def audit(
                   f"always answering the larger class: {result['baseline_accuracy']:.3f}")
     if bad := result["unreadable"]:
         shown = "; ".join(f"{b['path']} ({b['error']})" for b in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-        err.print(f"[yellow]warning:[/yellow] {len(bad)} unreadable file(s) left out of the audit: {shown}")
+        err.print(_label("warning:", "yellow", f"{len(bad)} unreadable file(s) left out of the audit: {shown}"))
     table = Table("feature", "distinct values", "rule accuracy (5-fold)", "above baseline", "most common values",
                   title="a rule on one piece of metadata alone")
     for f in result["features"]:
         common = ", ".join(f"{v}: {c['real']}r/{c['fake']}f" for v, c in list(f["values"].items())[:3])
-        flag = "[red]" if f["above_baseline"] > 0.05 else ""
-        table.add_row(f["feature"], str(f["distinct"]), f"{flag}{f['rule_accuracy']:.3f}", f"{f['above_baseline']:+.3f}", common)
+        shortcut = Text(f"{f['rule_accuracy']:.3f}", style="red" if f["above_baseline"] > 0.05 else "")
+        table.add_row(f["feature"], str(f["distinct"]), shortcut, f"{f['above_baseline']:+.3f}", common)
     console.print(table)
     free = result["shortcut_free"]
     console.print(f"shortcut-free subset ({free['rule']}): {free['real']} real + {free['fake']} fake")
@@ -557,18 +565,18 @@ def main() -> None:
     try:
         app()  # usage errors exit 2 inside, with Typer's message
     except USER_ERRORS as error:
-        err.print(f"[red]error:[/red] {error}")
+        err.print(_label("error:", "red", str(error)))
         sys.exit(2)
     except (OperationalError, InterfaceError) as error:  # the database is down or unreachable
         where = make_url(_settings().database_url).render_as_string(hide_password=True)
         reason = str(error.orig or error).strip().splitlines()[0]
-        err.print(f"[red]error:[/red] cannot reach the database {where}: {reason}. Nothing was written.")
+        err.print(_label("error:", "red", f"cannot reach the database {where}: {reason}. Nothing was written."))
         sys.exit(1)
     except BrokerUnreachable as error:
-        err.print(f"[red]error:[/red] {error}")
+        err.print(_label("error:", "red", str(error)))
         sys.exit(1)
     except OSError as error:  # the machine's, not the arguments': a full disk, a file another process took
-        err.print(f"[red]error:[/red] {error}")
+        err.print(_label("error:", "red", str(error)))
         sys.exit(1)
 
 

@@ -49,7 +49,7 @@ def run_demo(workdir: Path, data: Path | None, epochs: int, console: Console) ->
         shutil.rmtree(fresh)
     weights = "imagenet" if imagenet_weights_cached("mobilenet_v2") else "none"
     if weights == "none":
-        console.print("[yellow]MobileNetV2 ImageNet weights are not in the torch cache: random init[/yellow]")
+        console.print("MobileNetV2 ImageNet weights are not in the torch cache: random init", style="yellow")
     spec_path = workdir / "sweep.yaml"
     spec_path.write_text(yaml.safe_dump(_demo_spec(data, epochs, weights), sort_keys=False))
 

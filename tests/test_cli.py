@@ -275,6 +275,12 @@ def test_a_bad_sweep_is_rejected_before_anything_is_written(home, tmp_path):
     for dry_run in ([], ["--dry-run"]):  # a dry run makes every check the sweep makes
         result = cli("sweep", missing, *dry_run, env=env, cwd=tmp_path)
         assert result.returncode == 2 and "data: folder" in result.stderr and "does not exist" in result.stderr
+    odd = tmp_path / "faces[/old]"  # printed as it is, not read as a Rich closing tag
+    result = cli("sweep", missing, "--dry-run", "--data", odd, env=env, cwd=tmp_path)
+    assert result.returncode == 2 and f"data: folder {odd} does not exist" in result.stderr, result.stderr
+    (tmp_path / "range.yaml").write_text(yaml.safe_dump({"name": "x", "data": str(data), "base": {"jpeg_quality": [95, 40]}}))
+    result = cli("sweep", tmp_path / "range.yaml", env=env, cwd=tmp_path)
+    assert result.returncode == 2 and "jpeg_quality must be [low, high]" in result.stderr, result.stderr
 
     result = cli("sweep", sweep_file(tmp_path / "ok.yaml", data, [1e-3, 1e-4]), "--dry-run", env=env, cwd=tmp_path)
     assert result.returncode == 0 and "variant 1: lr=0.0001" in result.stdout
