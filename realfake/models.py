@@ -129,9 +129,18 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             f"weights file {path} does not exist: give the path of a torchvision state dict "
             f"for this backbone, `imagenet`, or `none`"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a file torch saved, or one that holds more than tensors
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise WeightsUnavailable(
+            f"weights file {path} is not a state dict torch.load(weights_only=True) can read ({first_line}): "
+            f"give a torchvision state dict for this backbone, `imagenet`, or `none`"
+        ) from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a training checkpoint
+    if not isinstance(state, dict):
+        raise WeightsUnavailable(f"weights file {path} holds a {type(state).__name__}, not a state dict")
     return state
 
 

@@ -123,6 +123,15 @@ def test_missing_weights_fail_with_a_message_saying_what_to_do(tmp_path, monkeyp
     assert "weights:" in message
 
 
+def test_a_weights_file_that_is_no_state_dict_is_named(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    with pytest.raises(WeightsUnavailable, match=r"junk.pth is not a state dict torch.load\(weights_only=True\) can read"):
+        build_model(TrainConfig(backbone="mobilenet_v2", weights=str(tmp_path / "junk.pth")))
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")  # readable, but a list
+    with pytest.raises(WeightsUnavailable, match="holds a list, not a state dict"):
+        build_model(TrainConfig(backbone="mobilenet_v2", weights=str(tmp_path / "list.pth")))
+
+
 def test_a_state_dict_of_the_wrong_backbone_is_refused(mobilenet_weights):
     with pytest.raises(WeightsUnavailable, match="is not a resnet18 state dict"):
         build_model(TrainConfig(backbone="resnet18", weights=str(mobilenet_weights)))
