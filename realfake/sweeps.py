@@ -105,22 +105,24 @@ class SweepSpec(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:
         known = set(TrainConfig.model_fields)
-        for key in list(self.base) + list(self.parameters):
-            if key not in known:
-                raise ValueError(f"unknown training parameter {key!r} (known: {', '.join(sorted(known))})")
+        # these errors name their place themselves: a model-wide check has none of its own
+        for where, keys in (("base", self.base), ("parameters", self.parameters)):
+            for key in keys:
+                if key not in known:
+                    raise ValueError(f"{where}.{key}: unknown training parameter {key!r} (known: {', '.join(sorted(known))})")
         if self.method == "grid":
             ranged = [k for k, p in self.parameters.items() if p.values is None]
             if ranged:
-                raise ValueError(f"grid sweeps need `values` lists; {', '.join(ranged)} use min/max")
+                raise ValueError(f"parameters: grid sweeps need `values` lists; {', '.join(ranged)} use min/max")
             if self.max_runs is not None:
-                raise ValueError("max_runs is for random sweeps; a grid runs every combination")
+                raise ValueError("max_runs: only random sweeps take it; a grid runs every combination")
         elif self.max_runs is None:
-            raise ValueError("random sweeps need max_runs")
+            raise ValueError("max_runs: random sweeps need max_runs, the number of runs to draw")
         return self
 
 
 def _location(error: dict) -> str:
-    return ".".join(str(part) for part in error["loc"]) or "(top level)"
+    return ".".join(str(part) for part in error["loc"])
 
 
 def _describe(error: ValidationError, prefix: str = "") -> str:
@@ -129,7 +131,8 @@ def _describe(error: ValidationError, prefix: str = "") -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"{prefix}{_location(item)}: {message}")
+        where = _location(item)
+        lines.append(f"{prefix}{where}: {message}" if where else f"{prefix}{message}")
     return "; ".join(lines)
 
 
