@@ -157,6 +157,7 @@ def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, t
         raise EvaluationError(f"run {runs[0].id} has no test split")
     cache, memo = cache or ModelCache(), {} if memo is None else memo
     to_judge = list({run.id: run for run in runs if (run.id, tta, eval_size, crops) not in memo}.values())
+    checkpoints = {run.id: model_checkpoint(run) for run in to_judge}  # a run not trained yet: said before any work
     total, done = sum(len(parts[run.id].get("val", [])) + len(test_samples) for run in to_judge), 0
     if progress and to_judge:
         progress(done, total)
@@ -168,7 +169,7 @@ def evaluate_runs(session: Session, run_ids: Sequence[int], tta: bool = False, t
 
     on_batch = judged if progress else None
     for run in to_judge:
-        checkpoint = model_checkpoint(run)
+        checkpoint = checkpoints[run.id]
         memo[run.id, tta, eval_size, crops] = Predictions(
             val=predict(checkpoint, root, parts[run.id].get("val", []), tta, cache, eval_size, crops, decoded_dir, on_batch),
             test=predict(checkpoint, root, test_samples, tta, cache, eval_size, crops, decoded_dir, on_batch),

@@ -94,6 +94,9 @@ def fold_variants(session: Session, sweep: Sweep) -> list[dict]:
     return sorted(variants, key=lambda v: (v["mean"] is None, sign * (v["mean"] or 0), v["run_ids"][0]))
 
 
+_ELSEWHERE = " (`runs` lists the others: name a sweep with --sweep ID, or runs by their ids)"
+
+
 def best_runs(session: Session, sweep_id: int, count: int) -> list[int]:
     """The sweep's `count` best succeeded runs, best first by its metric. In a cross-validated
     sweep, the runs of its `count` best variants by `fold_variants`, counting only variants
@@ -103,12 +106,13 @@ def best_runs(session: Session, sweep_id: int, count: int) -> list[int]:
     if not folds:
         rows = [r["id"] for r in list_runs(session, sweep_id) if r["status"] == "succeeded" and r["best_metric"] is not None]
         if len(rows) < count:
-            raise LookupError(f"sweep {sweep_id} has {len(rows)} succeeded run{'' if len(rows) == 1 else 's'}, fewer than {count}")
+            raise LookupError(f"sweep {sweep_id} has {len(rows)} succeeded run{'' if len(rows) == 1 else 's'}, fewer than "
+                              f"{count}{_ELSEWHERE}")
         return rows[:count]
     complete = [v for v in fold_variants(session, sweep) if v["folds_succeeded"] == folds]
     if len(complete) < count:
         raise LookupError(f"sweep {sweep_id} has {len(complete)} variant{'' if len(complete) == 1 else 's'} with all "
-                          f"{folds} folds succeeded, fewer than {count}")
+                          f"{folds} folds succeeded, fewer than {count}{_ELSEWHERE}")
     return [run_id for variant in complete[:count] for run_id in variant["run_ids"]]
 
 

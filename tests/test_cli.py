@@ -306,6 +306,7 @@ def test_a_bad_sweep_is_rejected_before_anything_is_written(home, tmp_path):
     assert result.returncode == 2 and result.loaded == set()
     result = cli("evaluate", "1", env=env, cwd=tmp_path)  # evaluating runs models: it loads torch
     assert result.returncode == 2 and "no checkpoint" in result.stderr and "torch" in result.loaded
+    assert "faces judged" not in result.stderr  # said before any progress bar
 
     keys = cli("keys", "--json", env=env, cwd=tmp_path)  # the reference for sweep files' base and parameters
     assert keys.returncode == 0 and keys.loaded == set()
