@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from realfake.config import SplitConfig, TrainConfig, decoded_cache_dir
@@ -148,10 +148,10 @@ def record_epoch(
 
 
 def epoch_rows(session: Session, run_id: int) -> list[EpochMetric]:
+    """A run's metric rows by epoch, each epoch's in the order train, val, test."""
+    in_order = case({"train": 0, "val": 1, "test": 2}, value=EpochMetric.split, else_=3)
     return list(
-        session.scalars(
-            select(EpochMetric).where(EpochMetric.run_id == run_id).order_by(EpochMetric.epoch, EpochMetric.split)
-        )
+        session.scalars(select(EpochMetric).where(EpochMetric.run_id == run_id).order_by(EpochMetric.epoch, in_order))
     )
 
 

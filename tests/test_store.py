@@ -132,7 +132,7 @@ def test_epoch_metrics_upsert_one_row_per_run_epoch_split(factory, synthetic_dat
         record_epoch(session, run_id, 1, {"train": second, "val": second, "test": second})
     with session_scope(factory) as session:
         rows = epoch_rows(session, run_id)
-        assert [(r.epoch, r.split) for r in rows] == [(1, "test"), (1, "train"), (1, "val")]
+        assert [(r.epoch, r.split) for r in rows] == [(1, "train"), (1, "val"), (1, "test")]
         assert all(r.accuracy == 1.0 and r.loss == 0.3 and r.tp == 2 for r in rows)
         assert session.scalar(select(func.count()).select_from(EpochMetric)) == 3
     with session_scope(factory) as session:  # an infinite loss is stored as NULL
