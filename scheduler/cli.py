@@ -293,7 +293,12 @@ def cancel(
         ids = [run] if run is not None else session.scalars(select(Run.id).where(Run.sweep_id == sweep)).all()
     for run_id in ids:
         status = request_cancel(factory, run_id)
-        console.print(f"run {run_id}: {'cancel requested' if status is RunStatus.RUNNING else status.value}")
+        if status is RunStatus.RUNNING:
+            console.print(f"run {run_id}: cancel requested (it stops at its next batch)")
+        elif status is RunStatus.CANCELLED:
+            console.print(f"run {run_id}: cancelled")
+        else:
+            console.print(f"run {run_id}: already {status.value}, nothing to cancel")
 
 
 def _resolve_models(session, model: str, sweep_id: int | None) -> list[int]:

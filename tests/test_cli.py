@@ -320,6 +320,7 @@ def test_a_bad_sweep_is_rejected_before_anything_is_written(home, tmp_path):
     (tmp_path / "lost.yaml").write_text(yaml.safe_dump(lost | {"max_attempts": 1, "parameters": {}}))
     result = cli("sweep", tmp_path / "lost.yaml", "--local", env=env, cwd=tmp_path)
     assert result.returncode == 1 and "run 3 failed:" in result.stderr and "nowhere.pth" in result.stderr
+    assert "run 3: already failed, nothing to cancel" in cli("cancel", "3", env=env, cwd=tmp_path).stdout
 
 
 @pytest.mark.slow
