@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -222,7 +222,7 @@ def decoded_cache_dir(artifacts: Path | str) -> Path:
     return Path(artifacts) / "cache"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Settings:
     """Where things live, taken from the environment; embedded defaults when unset."""
 
@@ -235,6 +235,14 @@ class Settings:
     lease_grace_s: float = 120.0  # a lease this long without a heartbeat is taken over
     resend_after_s: float = 900.0  # unclaimed runs / stalled jobs this old get their messages again
     score_precision: str = "auto"  # scoring workers: auto | fp32 | bf16
+
+    def __repr__(self) -> str:  # logs and tracebacks get the URLs without their passwords
+        from sqlalchemy.engine import make_url
+
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["database_url"] = make_url(self.database_url).render_as_string(hide_password=True)
+        shown["broker_url"] = re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", self.broker_url)
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -32,6 +32,23 @@ def test_no_sql_is_built_from_strings_in_the_product():
                 assert isinstance(node.args[0], ast.Constant), f"{path}: text() with a built string"
 
 
+def test_what_workers_publish_holds_no_password(tmp_path):
+    """`celery inspect conf` and Flower's worker pages publish the app's conf, as its control
+    command encodes it."""
+    from celery.utils.serialization import jsonify
+    from kombu.utils.encoding import safe_repr
+    from kombu.utils.json import dumps
+
+    settings = Settings.from_env({"REALFAKE_HOME": str(tmp_path),
+                                  "REALFAKE_DATABASE_URL": "postgresql+psycopg://u:topsecret@db/x",
+                                  "REALFAKE_BROKER_URL": "redis://:brokersecret@127.0.0.1:6379/0"})
+    app = make_app(settings)
+    published = dumps(jsonify(app.conf.table(with_defaults=True), unknown_type_filter=safe_repr))
+    assert "topsecret" not in published and "brokersecret" not in published
+    assert app.realfake_settings is settings  # the tasks' settings, kept off the conf
+    assert "topsecret" not in repr(settings) and "brokersecret" not in repr(settings) and "u:***@db" in repr(settings)
+
+
 def test_settings_mask_credentials_when_printed():
     from sqlalchemy.engine import make_url
 

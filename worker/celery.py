@@ -70,7 +70,9 @@ def make_app(settings: Settings | None = None) -> Celery:
         },
         worker_hijack_root_logger=False,
     )
-    app.conf.realfake_settings = settings
+    # an attribute, not app.conf: `celery inspect conf` and Flower's worker pages publish the
+    # conf, JSON-encoded field by field, and these settings hold the database URL's password
+    app.realfake_settings = settings
     return app
 
 
@@ -120,7 +122,7 @@ class StaleRunSweeper(threading.Thread):
         from realfake.scoring import resend_missing_shards
         from realfake.store import make_engine, migrate, session_factory
 
-        settings: Settings = self.celery.conf.realfake_settings
+        settings: Settings = self.celery.realfake_settings
         engine = make_engine(settings.database_url)
         factory = session_factory(engine)
         migrated = False
@@ -146,7 +148,7 @@ _sweeper: StaleRunSweeper | None = None
 @worker_ready.connect
 def _start_sweeper(sender=None, **_) -> None:
     global _sweeper
-    settings: Settings = app.conf.realfake_settings
+    settings: Settings = app.realfake_settings
     _sweeper = StaleRunSweeper(app, interval_s=max(1.0, settings.lease_grace_s / 4))
     _sweeper.start()
 

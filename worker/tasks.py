@@ -13,7 +13,7 @@ from realfake.store import make_engine, session_factory
 from worker.celery import app
 
 _factories: dict[int, sessionmaker[Session]] = {}
-_models = ModelCache(precision=app.conf.realfake_settings.score_precision)
+_models = ModelCache(precision=app.realfake_settings.score_precision)
 
 
 def _factory() -> sessionmaker[Session]:
@@ -25,7 +25,7 @@ def _factory() -> sessionmaker[Session]:
 
 
 def _settings() -> Settings:
-    return app.conf.realfake_settings
+    return app.realfake_settings
 
 
 @app.task(name="train_run", bind=True)
