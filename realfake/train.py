@@ -359,10 +359,13 @@ def fit(
             lr_scheduler.step()
 
             selection = metrics.get("val", metrics["train"]).value(config.selection_metric)
-            if _is_better(selection, best.value, config.higher_is_better):
+            improved = _is_better(selection, best.value, config.higher_is_better)
+            if improved:
                 best = BestSoFar(epoch, selection)
-                save_atomic({"model": kept.state_dict(), "epoch": epoch, "config": config_json}, best_path)
+            # the epoch's rows first: a worker that lost its lease stops there, before any file
             keep_going = hooks.on_epoch_end(epoch, metrics, best)
+            if improved:
+                save_atomic({"model": kept.state_dict(), "epoch": epoch, "config": config_json}, best_path)
             save_atomic(
                 {
                     "model": model.state_dict(),

@@ -251,6 +251,27 @@ class _Remembering(TrainHooks):
         return True
 
 
+class _LosingTheLease(_Remembering):
+    def on_epoch_end(self, epoch, metrics, best):
+        from realfake.runs import LeaseLost
+
+        raise LeaseLost("taken over by another worker")
+
+
+def test_a_worker_that_lost_its_lease_writes_no_checkpoint(synthetic_data, tmp_path):
+    """Attempts share a run's checkpoint folder: the old owner must not replace the new one's best.pt."""
+    from realfake.runs import LeaseLost
+    from realfake.samples import discover, stratified_split
+    from realfake.train import fit
+
+    config = TrainConfig(backbone="resnet18", weights="none", resize=32, image_size=32, rotation=0, color_jitter=0,
+                         epochs=2, batch_size=40, decode_cache=False, precision="fp32")
+    split = stratified_split(discover(synthetic_data), SplitConfig(val=0.2, test=0.2, seed=0))
+    with pytest.raises(LeaseLost):
+        fit(config, synthetic_data, split, tmp_path / "run", _LosingTheLease())
+    assert not (tmp_path / "run" / "best.pt").exists() and not (tmp_path / "run" / "last.pt").exists()
+
+
 @pytest.mark.slow
 def test_averaged_weights_are_validated_kept_and_resumed(synthetic_data, tmp_path):
     from realfake.evaluation import predict
