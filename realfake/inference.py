@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from sqlalchemy import func, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
@@ -136,6 +136,10 @@ def score_shard(
             raise LookupError(f"scoring job {job_id} has no shard {shard}")
         files, folder, batch_size = job.shards[shard], Path(job.folder), job.batch_size
         tta, threshold = job.tta, job.threshold
+        written = session.scalar(select(func.count()).select_from(Prediction)
+                                 .where(Prediction.job_id == job_id, Prediction.shard == shard))
+        if written == len(files):  # a resent or twice-delivered shard already done: nothing to score again
+            return 0
         checkpoints = [model_checkpoint(session.get(Run, run_id)) for run_id in job.run_ids or [job.run_id]]
         if job.status is JobStatus.WAITING:
             job.status = JobStatus.RUNNING

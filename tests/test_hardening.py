@@ -72,6 +72,22 @@ def _score_all(factory, job_id, roots=(), device_decode=False) -> dict[str, Pred
     return {r.path: r for r in rows}
 
 
+def test_a_shard_delivered_again_is_not_scored_again(tiny_run, tmp_path):
+    """The sweeper resends shards still waiting in a queue: the copy that comes second finds them done."""
+    factory, run_id = tiny_run
+    folder = make_synthetic(tmp_path / "in", per_class=3, size=32)
+    with session_scope(factory) as session:
+        job_id = create_scoring_job(session, run_id, folder, shard_size=4).id
+    cache = ModelCache()
+    assert score_shard(factory, job_id, 0, cache=cache) == 4
+    with session_scope(factory) as session:
+        first = {r.path: (r.id, r.p_fake) for r in session.query(Prediction).filter_by(job_id=job_id)}
+    assert score_shard(factory, job_id, 0, cache=cache) == 0
+    with session_scope(factory) as session:
+        assert {r.path: (r.id, r.p_fake) for r in session.query(Prediction).filter_by(job_id=job_id)} == first
+    assert score_shard(factory, job_id, 1, cache=cache) == 2  # the other shard still scores
+
+
 @pytest.mark.parametrize("device_decode", [False, True], ids=["pil", "batched-decode_jpeg"])
 def test_every_bad_file_gets_exactly_one_row(tiny_run, tmp_path, device_decode):
     """Both decoding paths: PIL on the CPU, and torchvision's batched decode_jpeg as on a GPU
