@@ -32,6 +32,9 @@ class BestSoFar:
 
 @dataclass(frozen=True)
 class FitResult:
-    outcome: Literal["completed", "stopped", "pruned"]
-    epochs_done: int
-    best: BestSoFar
+    """How training ended. `fit` ends completed, stopped or pruned; `runs.train_run` also
+    failed (the reason is in SQL) or lease lost (another worker took the run over)."""
+
+    outcome: Literal["completed", "stopped", "pruned", "failed", "lease lost"]
+    epochs_done: int | None = None
+    best: BestSoFar = BestSoFar()

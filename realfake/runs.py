@@ -383,7 +383,8 @@ def train_run(
     grace_s: float = 120.0,
     heartbeat_s: float = 10.0,
 ) -> FitResult | None:
-    """Claim a run and train it to its end in this process; None if it was not ours to train.
+    """Claim a run and train it to its end in this process; None if it was not ours to train
+    (already claimed, finished or cancelled).
 
     Succeeded, cancelled and pruned runs end so; an exception fails the run with its
     message (an out-of-memory error included, rather than retrying into it again). A crash
@@ -402,10 +403,8 @@ def train_run(
     try:
         config = TrainConfig.model_validate(raw_config)
     except ValidationError as error:  # e.g. a field added by a newer scheduler: fail now, not at lease expiry
-        finish_run(factory, lease, RunStatus.FAILED,
-                   f"this worker cannot read the run's config (is realfake older here than where the run was "
-                   f"submitted? upgrade the workers): {error}")
-        return None
+        return _failed(factory, lease, f"this worker cannot read the run's config (is realfake older here than "
+                                       f"where the run was submitted? upgrade the workers): {error}")
     hooks = hooks or SqlHooks(factory, run_id)
     hooks.lease = lease
     hooks.heartbeat = Heartbeat(factory, lease, heartbeat_s)
@@ -414,10 +413,9 @@ def train_run(
         result = fit(config, data_root, split, ckpt, hooks, cache_dir=decoded_cache_dir(artifacts))
     except LeaseLost:
         log.warning("run %d: lease lost, leaving it to its new worker", run_id)
-        return None
+        return FitResult("lease lost")
     except torch.OutOfMemoryError as error:
-        finish_run(factory, lease, RunStatus.FAILED, _oom_message(error, config))
-        return None
+        return _failed(factory, lease, _oom_message(error, config))
     except Exception as error:
         finish_run(factory, lease, RunStatus.FAILED, f"{type(error).__name__}: {error}")
         raise
@@ -425,10 +423,18 @@ def train_run(
         hooks.heartbeat.stop()
     if result.outcome == "stopped" and hooks.heartbeat.lost.is_set():
         log.warning("run %d: lease lost, leaving it to its new worker", run_id)
-        return None
+        return FitResult("lease lost")
     status = {"completed": RunStatus.SUCCEEDED, "stopped": RunStatus.CANCELLED, "pruned": RunStatus.PRUNED}
     finish_run(factory, lease, status[result.outcome])
     return result
+
+
+def _failed(factory: sessionmaker[Session], lease: Lease, reason: str) -> FitResult:
+    """Fail the run with `reason`, said in the worker's log too; the task returns, not raises
+    (Celery would not retry it, but the reason belongs to the run, not to a traceback)."""
+    log.error("run %d failed: %s", lease.run_id, reason)
+    finish_run(factory, lease, RunStatus.FAILED, reason)
+    return FitResult("failed")
 
 
 def request_cancel(factory: sessionmaker[Session], run_id: int) -> RunStatus:

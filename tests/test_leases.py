@@ -120,7 +120,7 @@ def test_out_of_memory_fails_the_run_with_a_clear_message(factory, run_id, tmp_p
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr("realfake.train.fit", out_of_memory)  # train_run imports it when it runs
-    assert train_run(factory, run_id, tmp_path) is None  # not raised: the task must not loop on it
+    assert train_run(factory, run_id, tmp_path).outcome == "failed"  # not raised: the task must not loop on it
     with session_scope(factory) as session:
         run = session.get(Run, run_id)
         assert run.status is RunStatus.FAILED
@@ -133,7 +133,7 @@ def test_a_config_this_worker_cannot_read_fails_the_run_at_once(factory, run_id,
     with session_scope(factory) as session:
         run = session.get(Run, run_id)
         run.config = run.config | {"field_from_the_future": 1}
-    assert train_run(factory, run_id, tmp_path) is None
+    assert train_run(factory, run_id, tmp_path).outcome == "failed"
     with session_scope(factory) as session:
         run = session.get(Run, run_id)
         assert run.status is RunStatus.FAILED and run.attempt == 1
