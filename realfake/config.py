@@ -271,5 +271,9 @@ class Settings:
         )
         heartbeat_s = seconds("REALFAKE_HEARTBEAT_S", 10)
         grace_s = seconds("REALFAKE_LEASE_GRACE_S", 120)
+        if grace_s < 3 * heartbeat_s:  # else a healthy worker's lease goes stale between two beats
+            raise SettingsError(f"REALFAKE_LEASE_GRACE_S={env.get('REALFAKE_LEASE_GRACE_S') or '120'!r}: must be at "
+                                f"least 3 heartbeats (REALFAKE_HEARTBEAT_S {heartbeat_s:g} s), or a live worker's "
+                                f"runs would be taken over")
         resend_s = seconds("REALFAKE_RESEND_AFTER_S", 900)
         return cls(home, database_url, broker_url, artifacts, roots, heartbeat_s, grace_s, resend_s, precision)
