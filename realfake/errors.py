@@ -21,6 +21,10 @@ class RunNotFound(LookupError):
     """No run has that id."""
 
 
+class RunStateError(ValueError):
+    """The run is not in a state that allows what was asked (e.g. retrying a run that succeeded)."""
+
+
 class ScoringError(ValueError):
     """The job cannot be created; the message says why."""
 
@@ -38,5 +42,5 @@ class WeightsUnavailable(RuntimeError):
 
 
 # what the command line reports as a message with exit status 2, not a traceback
-USER_ERRORS = (DatasetError, OutsideDataRoots, SpecError, RunNotFound, ScoringError, EvaluationError, SettingsError,
-               WeightsUnavailable)
+USER_ERRORS = (DatasetError, OutsideDataRoots, SpecError, RunNotFound, RunStateError, ScoringError, EvaluationError,
+               SettingsError, WeightsUnavailable)

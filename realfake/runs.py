@@ -13,7 +13,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from realfake.config import SplitConfig, TrainConfig, decoded_cache_dir
-from realfake.errors import RunNotFound, SpecError
+from realfake.errors import RunNotFound, RunStateError, SpecError
 from realfake.hooks import BestSoFar, FitResult, TrainHooks
 from realfake.metrics import Metrics
 from realfake.pruning import asha_prune_hook
@@ -435,6 +435,22 @@ def _failed(factory: sessionmaker[Session], lease: Lease, reason: str) -> FitRes
     log.error("run %d failed: %s", lease.run_id, reason)
     finish_run(factory, lease, RunStatus.FAILED, reason)
     return FitResult("failed")
+
+
+def retry_runs(factory: sessionmaker[Session], run_ids: Sequence[int]) -> None:
+    """Put failed or cancelled runs back to waiting, all or none, each with as many attempts
+    again as it was allowed; each resumes from its last checkpoint. The caller enqueues them.
+    Attempt numbers only grow, so a lost worker of an earlier attempt stays fenced out."""
+    with session_scope(factory) as session:
+        runs = [session.get(Run, run_id) for run_id in run_ids]
+        for run_id, run in zip(run_ids, runs):
+            if run is None:
+                raise RunNotFound(f"run {run_id} does not exist")
+            if run.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
+                raise RunStateError(f"run {run_id} is {run.status.value}: only failed or cancelled runs are retried")
+        for run in runs:
+            run.status, run.error, run.finished_at, run.cancel_requested = RunStatus.WAITING, None, None, False
+            run.max_attempts, run.enqueued_at = run.attempt + run.max_attempts, func.now()
 
 
 def request_cancel(factory: sessionmaker[Session], run_id: int) -> RunStatus:

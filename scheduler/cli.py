@@ -40,7 +40,7 @@ from realfake.report import (
     render_report,
     run_detail,
 )
-from realfake.runs import create_sweep, request_cancel, sweep_data
+from realfake.runs import create_sweep, request_cancel, retry_runs, sweep_data
 from realfake.scoring import create_scoring_job, job_progress
 from realfake.store import (
     Prediction,
@@ -299,6 +299,27 @@ def cancel(
             console.print(f"run {run_id}: cancelled")
         else:
             console.print(f"run {run_id}: already {status.value}, nothing to cancel")
+
+
+@app.command()
+def retry(
+    runs: Annotated[list[int], typer.Argument(help="failed or cancelled run ids")],
+    local: LOCAL = False,
+    workers: WORKERS = 1,
+) -> None:
+    """Train failed or cancelled runs again from their last checkpoint (a worker lost too often, a fixed cause)."""
+    settings = _settings()
+    factory, celery = _database(settings), _celery(settings)
+    retry_runs(factory, runs)  # every one checked and put back before any message is sent
+    from worker.celery import enqueue_runs
+
+    enqueue_runs(celery, runs)
+    err.print(f"run{'s' if len(runs) > 1 else ''} {', '.join(map(str, runs))} enqueued again")
+    if not local:
+        return _warn_without_workers(celery, "train")
+    with LocalWorkers(workers, settings.home / "logs"):
+        _wait_for_runs(factory, runs)
+    runs_cmd(sweep=None, as_json=False)
 
 
 def _resolve_models(session, model: str, sweep_id: int | None) -> list[int]:

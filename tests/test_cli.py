@@ -321,6 +321,12 @@ def test_a_bad_sweep_is_rejected_before_anything_is_written(home, tmp_path):
     result = cli("sweep", tmp_path / "lost.yaml", "--local", env=env, cwd=tmp_path)
     assert result.returncode == 1 and "run 3 failed:" in result.stderr and "nowhere.pth" in result.stderr
     assert "run 3: already failed, nothing to cancel" in cli("cancel", "3", env=env, cwd=tmp_path).stdout
+    shutil.copy(next((root / "torch" / "hub" / "checkpoints").glob("mobilenet_v2-*.pth")), tmp_path / "nowhere.pth")
+    result = cli("retry", "3", "--local", env=env, cwd=tmp_path)  # the cause fixed: trained again, attempts anew
+    assert result.returncode == 0, result.stderr
+    assert json.loads(cli("show", "3", "--json", env=env, cwd=tmp_path).stdout)["status"] == "succeeded"
+    result = cli("retry", "3", env=env, cwd=tmp_path)
+    assert result.returncode == 2 and "run 3 is succeeded: only failed or cancelled runs are retried" in result.stderr
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy import update
 
 from realfake.config import SplitConfig, TrainConfig
+from realfake.errors import RunStateError
 from realfake.hooks import BestSoFar
 from realfake.metrics import compute_metrics
 from realfake.runs import (
@@ -17,6 +18,7 @@ from realfake.runs import (
     finish_run,
     request_cancel,
     requeue_stale_runs,
+    retry_runs,
     train_run,
 )
 from realfake.store import Run, RunStatus, session_scope
@@ -58,6 +60,26 @@ def test_a_stale_lease_is_taken_over_then_attempts_run_out(factory, run_id, tmp_
     with session_scope(factory) as session:
         run = session.get(Run, run_id)
         assert run.status is RunStatus.FAILED and "worker lost on each of 2 attempts (last: w2)" in run.error
+
+
+def test_a_run_lost_too_often_can_be_retried_with_its_attempts_anew_and_old_owners_fenced(factory, run_id, tmp_path):
+    first = claim_run(factory, run_id, "w1", tmp_path, grace_s=60)
+    _age_heartbeat(factory, run_id)
+    second = claim_run(factory, run_id, "w2", tmp_path, grace_s=60)
+    _age_heartbeat(factory, run_id)
+    assert claim_run(factory, run_id, "w3", tmp_path, grace_s=60) is None  # failed: 2 attempts lost
+    retry_runs(factory, [run_id])
+    third = claim_run(factory, run_id, "w1", tmp_path, grace_s=60)
+    assert third is not None and third.attempt == 3  # numbers go on: neither earlier lease matches
+    assert not finish_run(factory, first, RunStatus.SUCCEEDED) and not finish_run(factory, second, RunStatus.SUCCEEDED)
+    _age_heartbeat(factory, run_id)
+    assert claim_run(factory, run_id, "w2", tmp_path, grace_s=60).attempt == 4  # 2 attempts again
+    _age_heartbeat(factory, run_id)
+    assert claim_run(factory, run_id, "w3", tmp_path, grace_s=60) is None
+    with session_scope(factory) as session:
+        session.execute(update(Run).where(Run.id == run_id).values(status=RunStatus.SUCCEEDED))
+    with pytest.raises(RunStateError, match="is succeeded: only failed or cancelled runs are retried"):
+        retry_runs(factory, [run_id])
 
 
 def test_requeue_moves_stale_runs_back_to_waiting_once(factory, run_id, tmp_path):
