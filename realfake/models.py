@@ -132,9 +132,12 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # not a file torch saved, or one that holds more than tensors
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if str(error).startswith("Weights only load failed"):  # torch's advice is to unpickle anyway: not here
+            reason = "it holds objects other than tensors"
+        else:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise WeightsUnavailable(
-            f"weights file {path} is not a state dict torch.load(weights_only=True) can read ({first_line}): "
+            f"weights file {path} is not a state dict torch.load(weights_only=True) can read ({reason}): "
             f"give a torchvision state dict for this backbone, `imagenet`, or `none`"
         ) from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):

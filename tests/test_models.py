@@ -127,6 +127,10 @@ def test_a_weights_file_that_is_no_state_dict_is_named(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
     with pytest.raises(WeightsUnavailable, match=r"junk.pth is not a state dict torch.load\(weights_only=True\) can read"):
         build_model(TrainConfig(backbone="mobilenet_v2", weights=str(tmp_path / "junk.pth")))
+    torch.save({"head": nn.ReLU()}, tmp_path / "module.pth")  # a pickled object: refused, not unpickled
+    with pytest.raises(WeightsUnavailable, match=r"holds objects other than tensors\): give a torchvision") as info:
+        build_model(TrainConfig(backbone="mobilenet_v2", weights=str(tmp_path / "module.pth")))
+    assert "weights_only=False" not in str(info.value) and "can still be loaded" not in str(info.value)
     torch.save([torch.zeros(1)], tmp_path / "list.pth")  # readable, but a list
     with pytest.raises(WeightsUnavailable, match="holds a list, not a state dict"):
         build_model(TrainConfig(backbone="mobilenet_v2", weights=str(tmp_path / "list.pth")))
