@@ -105,7 +105,7 @@ class TrainConfig(BaseModel):
     selection_metric: SelectionMetric = Field(
         "accuracy", description="val metric that picks the best epoch (best.pt); in a sweep, its metric.name"
     )
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX-512 BF16, AMX), fp32 elsewhere"
     )
@@ -116,8 +116,8 @@ class TrainConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError(f"device {value!r}: expected auto, cpu, cuda or cuda:N")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"device {value!r}: expected auto, cpu, cuda, cuda:N or mps")
         return value
 
     @field_validator("jpeg_quality")
@@ -237,11 +237,15 @@ class Settings:
     score_precision: str = "auto"  # scoring workers: auto | fp32 | bf16
 
     def __repr__(self) -> str:  # logs and tracebacks get the URLs without their passwords
+        from kombu.utils.url import maybe_sanitize_url
         from sqlalchemy.engine import make_url
 
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
-        shown["database_url"] = make_url(self.database_url).render_as_string(hide_password=True)
-        shown["broker_url"] = re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", self.broker_url)
+        try:
+            shown["database_url"] = make_url(self.database_url).render_as_string(hide_password=True)
+        except Exception:  # not a URL at all: it may still hold a password
+            shown["database_url"] = "(not a database URL; hidden)"
+        shown["broker_url"] = maybe_sanitize_url(self.broker_url)
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @classmethod
@@ -272,8 +276,7 @@ class Settings:
         heartbeat_s = seconds("REALFAKE_HEARTBEAT_S", 10)
         grace_s = seconds("REALFAKE_LEASE_GRACE_S", 120)
         if grace_s < 3 * heartbeat_s:  # else a healthy worker's lease goes stale between two beats
-            raise SettingsError(f"REALFAKE_LEASE_GRACE_S={env.get('REALFAKE_LEASE_GRACE_S') or '120'!r}: must be at "
-                                f"least 3 heartbeats (REALFAKE_HEARTBEAT_S {heartbeat_s:g} s), or a live worker's "
-                                f"runs would be taken over")
+            raise SettingsError(f"REALFAKE_LEASE_GRACE_S ({grace_s:g} s) must be at least 3 heartbeats "
+                                f"(REALFAKE_HEARTBEAT_S, {heartbeat_s:g} s), or a live worker's runs would be taken over")
         resend_s = seconds("REALFAKE_RESEND_AFTER_S", 900)
         return cls(home, database_url, broker_url, artifacts, roots, heartbeat_s, grace_s, resend_s, precision)

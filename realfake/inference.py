@@ -112,6 +112,19 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
+def _mark_done_if_complete(factory: sessionmaker[Session], job_id: int) -> None:
+    # Counted after the rows' commit, in a transaction of its own: when the last shards finish
+    # at once, each sees the others' committed rows, so the last to commit marks the job done.
+    with session_scope(factory) as session:
+        done = rows_written(session, job_id)
+        session.execute(
+            update(ScoringJob)
+            .where(ScoringJob.id == job_id, ScoringJob.n_files <= done, ScoringJob.status != JobStatus.DONE)
+            .values(status=JobStatus.DONE, finished_at=func.now())
+            .execution_options(synchronize_session=False)
+        )
+
+
 def score_shard(
     factory: sessionmaker[Session],
     job_id: int,
@@ -138,11 +151,14 @@ def score_shard(
         tta, threshold = job.tta, job.threshold
         written = session.scalar(select(func.count()).select_from(Prediction)
                                  .where(Prediction.job_id == job_id, Prediction.shard == shard))
-        if written == len(files):  # a resent or twice-delivered shard already done: nothing to score again
-            return 0
-        checkpoints = [model_checkpoint(session.get(Run, run_id)) for run_id in job.run_ids or [job.run_id]]
-        if job.status is JobStatus.WAITING:
-            job.status = JobStatus.RUNNING
+        scored_already = written == len(files)
+        if not scored_already:
+            checkpoints = [model_checkpoint(session.get(Run, run_id)) for run_id in job.run_ids or [job.run_id]]
+            if job.status is JobStatus.WAITING:
+                job.status = JobStatus.RUNNING
+    if scored_already:  # a resent or twice-delivered shard: nothing to score again, but the job may still
+        _mark_done_if_complete(factory, job_id)  # wait for the mark its first delivery did not live to make
+        return 0
     cache.capacity = max(cache.capacity, len(checkpoints))
     models = [cache.get(checkpoint) for checkpoint in checkpoints]
     # An ensemble's runs may differ in input size (a sweep over resolution): each image is
@@ -188,15 +204,6 @@ def score_shard(
     with session_scope(factory) as session:
         upsert(session, Prediction, rows, keys=("job_id", "path"))
         session.execute(update(ScoringJob).where(ScoringJob.id == job_id).values(progress_at=func.now()))
-    # Counted after the commit, in a transaction of its own: when the last shards finish at
-    # once, each sees the others' committed rows, so the last to commit marks the job done.
-    with session_scope(factory) as session:
-        done = rows_written(session, job_id)
-        session.execute(
-            update(ScoringJob)
-            .where(ScoringJob.id == job_id, ScoringJob.n_files <= done, ScoringJob.status != JobStatus.DONE)
-            .values(status=JobStatus.DONE, finished_at=func.now())
-            .execution_options(synchronize_session=False)
-        )
+    _mark_done_if_complete(factory, job_id)
     log.info("job %d shard %d: %d rows, %d errors", job_id, shard, len(rows), sum(r["error"] is not None for r in rows))
     return len(rows)

@@ -425,15 +425,19 @@ def train_run(
         log.warning("run %d: lease lost, leaving it to its new worker", run_id)
         return FitResult("lease lost")
     status = {"completed": RunStatus.SUCCEEDED, "stopped": RunStatus.CANCELLED, "pruned": RunStatus.PRUNED}
-    finish_run(factory, lease, status[result.outcome])
+    if not finish_run(factory, lease, status[result.outcome]):  # taken over after the last epoch
+        log.warning("run %d: lease lost before its end was recorded, leaving it to its new worker", run_id)
+        return FitResult("lease lost")
     return result
 
 
 def _failed(factory: sessionmaker[Session], lease: Lease, reason: str) -> FitResult:
     """Fail the run with `reason`, said in the worker's log too; the task returns, not raises
     (Celery would not retry it, but the reason belongs to the run, not to a traceback)."""
+    if not finish_run(factory, lease, RunStatus.FAILED, reason):
+        log.warning("run %d: lease lost, leaving it to its new worker", lease.run_id)
+        return FitResult("lease lost")
     log.error("run %d failed: %s", lease.run_id, reason)
-    finish_run(factory, lease, RunStatus.FAILED, reason)
     return FitResult("failed")
 
 
@@ -441,6 +445,7 @@ def retry_runs(factory: sessionmaker[Session], run_ids: Sequence[int]) -> None:
     """Put failed or cancelled runs back to waiting, all or none, each with as many attempts
     again as it was allowed; each resumes from its last checkpoint. The caller enqueues them.
     Attempt numbers only grow, so a lost worker of an earlier attempt stays fenced out."""
+    run_ids = list(dict.fromkeys(run_ids))  # `retry 3 3` is one retry
     with session_scope(factory) as session:
         runs = [session.get(Run, run_id) for run_id in run_ids]
         for run_id, run in zip(run_ids, runs):
@@ -450,7 +455,9 @@ def retry_runs(factory: sessionmaker[Session], run_ids: Sequence[int]) -> None:
                 raise RunStateError(f"run {run_id} is {run.status.value}: only failed or cancelled runs are retried")
         for run in runs:
             run.status, run.error, run.finished_at, run.cancel_requested = RunStatus.WAITING, None, None, False
-            run.max_attempts, run.enqueued_at = run.attempt + run.max_attempts, func.now()
+            # the budget it was given at first (its sweep's), not the cap an earlier retry raised
+            allowed = run.sweep.spec.get("max_attempts", 3) if run.sweep is not None else 3
+            run.max_attempts, run.enqueued_at = run.attempt + allowed, func.now()
 
 
 def request_cancel(factory: sessionmaker[Session], run_id: int) -> RunStatus:

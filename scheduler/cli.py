@@ -205,9 +205,14 @@ def sweep(
     with LocalWorkers(workers, settings.home / "logs"):
         _wait_for_runs(factory, run_ids)
     runs_cmd(sweep=sweep_id, as_json=as_json)
+    _exit_if_failed(factory, run_ids)
+
+
+def _exit_if_failed(factory, run_ids: list[int]) -> None:
+    """Each failed run's reason, here rather than only a "failed" row; exit status 1 if one failed."""
     with session_scope(factory) as session:
         failed = session.execute(select(Run.id, Run.error).where(Run.id.in_(run_ids), Run.status == RunStatus.FAILED)).all()
-    for run_id, error in failed:  # the reason, here, rather than only a "failed" row
+    for run_id, error in failed:
         err.print(_label(f"run {run_id} failed:", "red", str(error)))
     if failed:
         raise typer.Exit(1)
@@ -291,14 +296,15 @@ def cancel(
         if sweep is not None and session.get(Sweep, sweep) is None:
             raise LookupError(f"sweep {sweep} does not exist")
         ids = [run] if run is not None else session.scalars(select(Run.id).where(Run.sweep_id == sweep)).all()
+        before = dict(session.execute(select(Run.id, Run.status).where(Run.id.in_(ids))).all())
     for run_id in ids:
         status = request_cancel(factory, run_id)
-        if status is RunStatus.RUNNING:
-            console.print(f"run {run_id}: cancel requested (it stops at its next batch)")
-        elif status is RunStatus.CANCELLED:
-            console.print(f"run {run_id}: cancelled")
-        else:
+        if before.get(run_id, status).is_finished():
             console.print(f"run {run_id}: already {status.value}, nothing to cancel")
+        elif status is RunStatus.RUNNING:
+            console.print(f"run {run_id}: cancel requested (it stops at its next batch)")
+        else:
+            console.print(f"run {run_id}: {status.value}")
 
 
 @app.command()
@@ -319,7 +325,7 @@ def retry(
         return _warn_without_workers(celery, "train")
     with LocalWorkers(workers, settings.home / "logs"):
         _wait_for_runs(factory, runs)
-    runs_cmd(sweep=None, as_json=False)
+    _exit_if_failed(factory, runs)
 
 
 def _resolve_models(session, model: str, sweep_id: int | None) -> list[int]:

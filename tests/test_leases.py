@@ -67,17 +67,21 @@ def test_a_run_lost_too_often_can_be_retried_with_its_attempts_anew_and_old_owne
     _age_heartbeat(factory, run_id)
     second = claim_run(factory, run_id, "w2", tmp_path, grace_s=60)
     _age_heartbeat(factory, run_id)
-    assert claim_run(factory, run_id, "w3", tmp_path, grace_s=60) is None  # failed: 2 attempts lost
-    retry_runs(factory, [run_id])
+    assert claim_run(factory, run_id, "w3", tmp_path, grace_s=60) is None  # failed: its 2 attempts lost
+    retry_runs(factory, [run_id, run_id])  # named twice: retried once
     third = claim_run(factory, run_id, "w1", tmp_path, grace_s=60)
     assert third is not None and third.attempt == 3  # numbers go on: neither earlier lease matches
     assert not finish_run(factory, first, RunStatus.SUCCEEDED) and not finish_run(factory, second, RunStatus.SUCCEEDED)
-    _age_heartbeat(factory, run_id)
-    assert claim_run(factory, run_id, "w2", tmp_path, grace_s=60).attempt == 4  # 2 attempts again
+    for attempt in (4, 5):  # a run of no sweep gets the default 3 attempts again
+        _age_heartbeat(factory, run_id)
+        assert claim_run(factory, run_id, "w2", tmp_path, grace_s=60).attempt == attempt
     _age_heartbeat(factory, run_id)
     assert claim_run(factory, run_id, "w3", tmp_path, grace_s=60) is None
-    with session_scope(factory) as session:
-        session.execute(update(Run).where(Run.id == run_id).values(status=RunStatus.SUCCEEDED))
+    retry_runs(factory, [run_id])
+    with session_scope(factory) as session:  # 3 more again, not twice the raised cap
+        run = session.get(Run, run_id)
+        assert (run.status, run.attempt, run.max_attempts) == (RunStatus.WAITING, 5, 8)
+        run.status = RunStatus.SUCCEEDED
     with pytest.raises(RunStateError, match="is succeeded: only failed or cancelled runs are retried"):
         retry_runs(factory, [run_id])
 

@@ -45,8 +45,11 @@ def test_what_workers_publish_holds_no_password(tmp_path):
     app = make_app(settings)
     published = dumps(jsonify(app.conf.table(with_defaults=True), unknown_type_filter=safe_repr))
     assert "topsecret" not in published and "brokersecret" not in published
-    assert app.realfake_settings is settings  # the tasks' settings, kept off the conf
+    assert app.realfake_settings is settings and "realfake_settings" not in app.conf  # the tasks' settings, off the conf
     assert "topsecret" not in repr(settings) and "brokersecret" not in repr(settings) and "u:***@db" in repr(settings)
+    odd = Settings.from_env({"REALFAKE_HOME": str(tmp_path), "REALFAKE_DATABASE_URL": "topsecret@nowhere",
+                             "REALFAKE_BROKER_URL": "redis://:p@ss@127.0.0.1:6379/0"})
+    assert "topsecret" not in repr(odd) and "p@ss" not in repr(odd)  # printable, and hidden, whatever the URLs
 
 
 def test_settings_mask_credentials_when_printed():

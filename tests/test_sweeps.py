@@ -85,7 +85,7 @@ def test_random_draws_are_reproducible_from_the_seed_and_respect_distributions()
         ({"split": {"folds": 1}}, "split.folds"),
         ({"early_terminate": {"type": "hyperband"}}, "early_terminate.type"),
         ({"name": ""}, "name"),
-        ({"base": {"device": "gpu"}}, "device 'gpu': expected auto, cpu, cuda or cuda:N"),
+        ({"base": {"device": "gpu"}}, "device 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
     ],
 )
 def test_validation_names_the_field(overrides, message):
