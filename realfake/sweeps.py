@@ -20,6 +20,11 @@ from realfake.config import SplitConfig, TrainConfig
 from realfake.errors import SpecError
 
 
+def goal_of(metric: str) -> str:
+    """How runs choose their best epoch by this metric: the lowest loss, the highest of the rest."""
+    return "minimize" if metric == "loss" else "maximize"
+
+
 class MetricSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -30,7 +35,7 @@ class MetricSpec(BaseModel):
     @classmethod
     def _goal_from_name(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("goal") is None:
-            return data | {"goal": "minimize" if data.get("name") == "loss" else "maximize"}
+            return data | {"goal": goal_of(data.get("name"))}
         return data
 
     @property
@@ -145,7 +150,7 @@ def parse_spec(data: Any, source: str = "sweep file") -> SweepSpec:
         raise SpecError(f"{source}: {_describe(error)}") from None
     # runs keep their checkpoints by lower loss and higher everything else; pruning and `best`
     # rank by the sweep's metric and goal: all must agree, or `best` is the worst run
-    right_goal = "minimize" if spec.metric.name == "loss" else "maximize"
+    right_goal = goal_of(spec.metric.name)
     if spec.metric.goal != right_goal:
         raise SpecError(f"{source}: metric: {spec.metric.name} is to {right_goal}, not {spec.metric.goal} "
                         f"(leave goal out and it follows the name)")

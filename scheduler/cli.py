@@ -416,8 +416,7 @@ def _job_result(factory, job_id: int, out: Path | None, as_json: bool) -> None:
                    for r in rows]
         run_ids = job.run_ids or [job.run_id]
         n_files, tta, threshold = job.n_files, job.tta, job.threshold
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if out is not None:  # its folder made by _check_writable, before the work
         with out.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["path", "p_fake", "label", "error"])
             writer.writeheader()
