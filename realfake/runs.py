@@ -247,6 +247,28 @@ def requeue_stale_runs(factory: sessionmaker[Session], grace_s: float) -> list[i
     return requeued
 
 
+def hand_back_runs(factory: sessionmaker[Session], worker: str) -> list[int]:
+    """The runs `worker` is training, back to waiting for the caller to enqueue, without
+    charging the attempt: the worker was asked to stop, it did not fail. Each resumes from its
+    last checkpoint on whichever worker claims it next. A compare-and-set per run and attempt,
+    so the holder's writes are fenced from here on and it stops at its next heartbeat."""
+    handed = []
+    with session_scope(factory) as session:
+        held = session.execute(
+            select(Run.id, Run.attempt).where(Run.worker == worker, Run.status == RunStatus.RUNNING)
+        ).all()
+        for run_id, attempt in held:
+            if session.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.attempt == attempt, Run.status == RunStatus.RUNNING)
+                .values(status=RunStatus.WAITING, worker=None, max_attempts=Run.max_attempts + 1,
+                        enqueued_at=func.now())
+                .execution_options(synchronize_session=False)
+            ).rowcount:
+                handed.append(run_id)
+    return handed
+
+
 def resend_waiting_runs(factory: sessionmaker[Session], after_s: float) -> list[int]:
     """Waiting runs whose message may have been lost (sent more than `after_s` ago and still
     unclaimed, e.g. delivered to a worker as the broker went down): the caller sends them
@@ -339,9 +361,14 @@ class SqlHooks(TrainHooks):
         if not self._cancelled and now >= self._next_poll:
             self._next_poll = now + self.poll_s
             with session_scope(self.factory) as session:
-                self._cancelled = bool(
-                    session.scalar(select(Run.cancel_requested).where(Run.id == self.run_id))
-                )
+                cancel, status, attempt = session.execute(
+                    select(Run.cancel_requested, Run.status, Run.attempt).where(Run.id == self.run_id)
+                ).one()
+            self._cancelled = bool(cancel)
+            # handed back or taken over: seen here within poll_s, sooner than the next heartbeat
+            if self.lease and self.heartbeat and (status is not RunStatus.RUNNING or attempt != self.lease.attempt):
+                self.heartbeat.lost.set()
+                return True
         return self._cancelled
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Metrics], best: BestSoFar) -> bool:
@@ -422,7 +449,7 @@ def train_run(
     finally:
         hooks.heartbeat.stop()
     if result.outcome == "stopped" and hooks.heartbeat.lost.is_set():
-        log.warning("run %d: lease lost, leaving it to its new worker", run_id)
+        log.warning("run %d: no longer this worker's (handed back at shutdown, or taken over); stopped", run_id)
         return FitResult("lease lost")
     status = {"completed": RunStatus.SUCCEEDED, "stopped": RunStatus.CANCELLED, "pruned": RunStatus.PRUNED}
     if not finish_run(factory, lease, status[result.outcome]):  # taken over after the last epoch

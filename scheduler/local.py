@@ -28,7 +28,7 @@ class WorkerProcess:
     """`realfake-worker` in its own process group, so all of it can be stopped (or killed)."""
 
     def __init__(self, env: dict[str, str], name: str, log_dir: Path, queues: str = "train,score", concurrency: int = 1):
-        self.name = name
+        self.name, self._terminated = name, False
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{name.replace('@', '_')}.log"
         self._log = open(self.log_path, "ab")
@@ -52,18 +52,29 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole worker, parent and pool, like a lost machine."""
-        if self.process.poll() is None:
+        try:
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(30)
+        except ProcessLookupError:  # nothing of it left
+            pass
+        self.process.wait(30)
 
-    def stop(self) -> None:
-        """Warm shutdown; killed if it does not end in 30 s."""
+    def terminate(self) -> None:
+        """SIGTERM to the main process alone, as `docker compose stop` sends it: a warm shutdown."""
+        if self.process.poll() is None and not self._terminated:
+            self.process.send_signal(signal.SIGTERM)
+            self._terminated = True
+
+    def stop(self, timeout: float = 60) -> None:
+        """Warm shutdown as `docker compose stop` asks it, SIGTERM to the main process alone: a
+        run being trained is handed back (it goes on elsewhere from its last checkpoint) and
+        the worker ends within seconds; killed, with anything left of it, after `timeout` s."""
+        self.terminate()
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
             try:
-                self.process.wait(30)
+                self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.kill()
+                pass
+        self.kill()
         self._log.close()
 
 
@@ -92,5 +103,7 @@ class LocalWorkers:
         return self
 
     def __exit__(self, *exc) -> None:
+        for worker in self.workers:  # all told at once, so their handbacks overlap
+            worker.terminate()
         for worker in self.workers:
             worker.stop()

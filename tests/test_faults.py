@@ -1,5 +1,8 @@
-"""Fault tests: a worker process group killed with SIGKILL in the middle of an epoch."""
+"""Fault tests: a worker process group killed with SIGKILL in the middle of an epoch, a worker
+told to stop in the middle of one, a Redis restart."""
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -51,6 +54,36 @@ def test_a_worker_killed_mid_epoch_is_taken_over_from_its_checkpoint(factory, pr
     assert len(rows) == 4 * 3
     attempts = {r.epoch: r.attempt for r in rows}
     assert attempts == {e: (1 if e <= k else 2) for e in range(1, 5)}  # resumed at k + 1, not epoch 1
+
+
+@pytest.mark.parametrize("whom", ["main process", "process group"])
+def test_a_worker_told_to_stop_hands_its_run_back_at_once(whom, factory, producer, cluster_env, tmp_path):
+    data = make_synthetic(tmp_path / "data", per_class=150, size=96, seed=2)
+    run_id = new_run(factory, data, config(epochs=6, resize=96, image_size=96))
+    first = WorkerProcess(cluster_env, "leaving@test", tmp_path).wait_ready()
+    producer.send_task("train_run", args=[run_id], queue="train")
+    wait_for(lambda: run_state(factory, run_id).epochs_done >= 1, 180, what="a first epoch")
+    if whom == "main process":  # as `docker compose stop` does
+        first.process.send_signal(signal.SIGTERM)
+    else:  # as systemd does by default: the training process too, which then ends at once
+        os.killpg(first.process.pid, signal.SIGTERM)
+    assert first.process.wait(60) == 0, first.log()[-3000:]  # within seconds, not at the run's end
+    left = run_state(factory, run_id)
+    assert (left.status, left.worker, left.attempt) == (RunStatus.WAITING, None, 1)
+    assert left.max_attempts == 4 and left.epochs_done < 6  # the attempt not counted against its 3
+    assert f"run {run_id} handed back at shutdown" in first.log()
+    k = load_checkpoint(Path(left.checkpoint_dir) / "last.pt")["epoch"]
+
+    second = WorkerProcess(cluster_env, "successor@test", tmp_path).wait_ready()
+    try:  # no wait for a lease to go stale: the handed-back run's message is already queued
+        run = wait_finished(factory, run_id, timeout=300)
+    finally:
+        second.stop()
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert (run.attempt, run.worker) == (2, "successor@test")
+    with session_scope(factory) as session:
+        attempts = {r.epoch: r.attempt for r in epoch_rows(session, run_id)}
+    assert attempts == {e: (1 if e <= k else 2) for e in range(1, 7)}  # resumed at k + 1
 
 
 class OwnRedis:

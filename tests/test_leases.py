@@ -16,6 +16,7 @@ from realfake.runs import (
     claim_run,
     create_run,
     finish_run,
+    hand_back_runs,
     request_cancel,
     requeue_stale_runs,
     retry_runs,
@@ -84,6 +85,34 @@ def test_a_run_lost_too_often_can_be_retried_with_its_attempts_anew_and_old_owne
         run.status = RunStatus.SUCCEEDED
     with pytest.raises(RunStateError, match="is succeeded: only failed or cancelled runs are retried"):
         retry_runs(factory, [run_id])
+
+
+def test_a_worker_told_to_stop_hands_its_run_back_without_spending_an_attempt(factory, run_id, synthetic_data, tmp_path):
+    with session_scope(factory) as session:
+        others = create_run(session, TrainConfig(), synthetic_data, SplitConfig()).id
+    claim_run(factory, others, "w2", tmp_path, grace_s=60)
+    lease = claim_run(factory, run_id, "w1", tmp_path, grace_s=60)
+    hooks = SqlHooks(factory, run_id)
+    hooks.lease, hooks.heartbeat = lease, Heartbeat(factory, lease, interval_s=3600)  # no beat in this test
+    assert not hooks.should_stop()
+    hooks._next_poll = 0.0
+    assert hand_back_runs(factory, "w1") == [run_id]
+    assert hooks.should_stop() and hooks.heartbeat.lost.is_set()  # seen at the next poll, not the next beat
+    assert hand_back_runs(factory, "w1") == []
+    with session_scope(factory) as session:
+        run, other = session.get(Run, run_id), session.get(Run, others)
+        assert (run.status, run.worker, run.attempt, run.max_attempts) == (RunStatus.WAITING, None, 1, 3)
+        assert run.enqueued_at is not None
+        assert (other.status, other.worker) == (RunStatus.RUNNING, "w2")  # another worker's run stays
+    m = compute_metrics([0, 1], [0.2, 0.8])
+    with pytest.raises(LeaseLost):  # the stopping worker writes nothing more
+        hooks.on_epoch_end(1, {"train": m, "val": m}, BestSoFar(1, 1.0))
+    assert not finish_run(factory, lease, RunStatus.SUCCEEDED)
+    for attempt in (2, 3, 4):  # max_attempts is 2, yet stops never use the run up
+        assert claim_run(factory, run_id, f"v{attempt}", tmp_path, grace_s=60).attempt == attempt
+        assert hand_back_runs(factory, f"v{attempt}") == [run_id]
+    _age_heartbeat(factory, run_id)
+    assert requeue_stale_runs(factory, grace_s=60) == []  # waiting, not stale: nothing for the sweeper
 
 
 def test_requeue_moves_stale_runs_back_to_waiting_once(factory, run_id, tmp_path):
