@@ -388,7 +388,7 @@ def score(
             _wait_for_job(factory, job_id, n_files)
     else:
         _warn_without_workers(celery, "score")
-        err.print(f"(leaving does not stop the job: `realfake-scheduler job {job_id} --out FILE` fetches its rows later)")
+        err.print(f"(leaving does not stop the job: `realfake-scheduler job {job_id} --wait --out FILE` fetches its rows later)")
         _wait_for_job(factory, job_id, n_files)
     _job_result(factory, job_id, out, as_json)
 
@@ -397,16 +397,25 @@ def score(
 def job_cmd(
     job: Annotated[int, typer.Argument(help="scoring job id (score prints it)")],
     out: Annotated[Optional[Path], typer.Option(help="CSV file to write the rows to")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="wait until every file is scored (a progress bar), then write")] = False,
     as_json: JSON = False,
 ) -> None:
-    """A scoring job's rows so far: how many files are done, and the CSV or JSON of them."""
+    """A scoring job's rows so far: how many files are done, and the CSV or JSON of them.
+    Exit status 3 while files are still to be scored, else 1 if a file could not be scored."""
     if out is not None:
         _check_writable(out)
-    _job_result(_database(_settings()), job, out, as_json)
+    factory = _database(_settings())
+    if wait:
+        with session_scope(factory) as session:
+            done, total = job_progress(session, job)
+        if done < total:
+            _wait_for_job(factory, job, total)
+    _job_result(factory, job, out, as_json)
 
 
 def _job_result(factory, job_id: int, out: Path | None, as_json: bool) -> None:
-    """Summarise a scoring job's rows, write them to `out` as CSV; exit 1 if a file could not be scored."""
+    """Summarise a scoring job's rows, write them to `out` as CSV; exit 3 if files are still to
+    be scored, else 1 if a file could not be scored."""
     with session_scope(factory) as session:
         job = session.get(ScoringJob, job_id)
         if job is None:
@@ -435,6 +444,9 @@ def _job_result(factory, job_id: int, out: Path | None, as_json: bool) -> None:
             err.print(f"  {r['path']}: {r['error']}")
         if len(failed) > 10:
             err.print(f"  and {len(failed) - 10} more")
+    if summary["pending"]:  # a script must not take a part of the rows for all of them
+        err.print(f"job {job_id} is not finished: `job {job_id} --wait` waits for the rest")
+        raise typer.Exit(3)
     if failed:
         raise typer.Exit(1)
 

@@ -178,6 +178,46 @@ def test_an_ensemble_scores_the_mean_p_fake_of_its_runs(home, finished_sweep, tm
 
     result = cli("score", folder, "--model", "top2", "--sweep", "1", env=env, cwd=root)
     assert result.returncode == 2 and "1 succeeded run, fewer than 2" in result.stderr
+
+
+@pytest.mark.slow
+def test_job_says_when_rows_are_still_missing_and_waits_for_them(home, finished_sweep, tmp_path, monkeypatch):
+    from realfake.config import Settings
+    from realfake.inference import score_shard
+    from realfake.scoring import create_scoring_job
+    from realfake.store import make_engine, migrate, session_factory, session_scope
+
+    root, env = home
+    folder = tmp_path / "queued"
+    folder.mkdir()
+    for image in sorted((root / "data" / "real").iterdir())[:4]:
+        shutil.copy(image, folder / image.name)
+    factory = session_factory(engine := make_engine(Settings.from_env(env).database_url))
+    migrate(engine)
+    with session_scope(factory) as session:  # submitted, with no worker to score it yet
+        job_id = create_scoring_job(session, finished_sweep[0]["id"], folder, shard_size=2).id
+
+    pending = cli("job", job_id, "--out", tmp_path / "part.csv", env=env, cwd=root)
+    assert pending.returncode == 3 and "4 not scored yet" in pending.stdout, pending.stderr
+    assert f"`job {job_id} --wait` waits for the rest" in pending.stderr
+    waiting = subprocess.Popen(
+        [sys.executable, "-c", TRACED_CLI, "job", str(job_id), "--wait", "--out", str(tmp_path / "all.csv")],
+        env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(3)  # still waiting for the rows
+        monkeypatch.setenv("TORCH_HOME", env["TORCH_HOME"])
+        for shard in (0, 1):  # scored here, as a worker would
+            score_shard(factory, job_id, shard)
+        stdout, stderr = waiting.communicate(timeout=60)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 0, stderr
+    assert "4 scored" in stdout and "not scored yet" not in stdout
+    with (tmp_path / "all.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 4
+    engine.dispose()
     result = cli("score", folder, "--model", "worst", env=env, cwd=root)
     assert result.returncode == 2 and "'topN'" in result.stderr
     result = cli("score", folder, "--threshold", "1.5", env=env, cwd=root)
