@@ -24,6 +24,12 @@ Backbone = Literal[
 SelectionMetric = Literal["accuracy", "f1", "roc_auc", "loss"]
 
 
+def goal_of(metric: str) -> str:
+    """How runs choose their best epoch by this metric, and sweeps rank them: the lowest loss,
+    the highest of the rest."""
+    return "minimize" if metric == "loss" else "maximize"
+
+
 class TrainConfig(BaseModel):
     """Everything that decides how one run trains. Defaults reproduce the seed report."""
 
@@ -165,7 +171,7 @@ class TrainConfig(BaseModel):
 
     @property
     def higher_is_better(self) -> bool:
-        return self.selection_metric != "loss"
+        return goal_of(self.selection_metric) == "maximize"
 
 
 def training_keys() -> list[dict]:
@@ -222,6 +228,17 @@ def decoded_cache_dir(artifacts: Path | str) -> Path:
     return Path(artifacts) / "cache"
 
 
+def shown_url(url: str) -> str:
+    """`url` fit to print or log: its password masked; a string that is not a URL at all is
+    hidden whole, since it may still hold one."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(not a URL; hidden)"
+
+
 @dataclass(frozen=True, repr=False)
 class Settings:
     """Where things live, taken from the environment; embedded defaults when unset."""
@@ -237,15 +254,8 @@ class Settings:
     score_precision: str = "auto"  # scoring workers: auto | fp32 | bf16
 
     def __repr__(self) -> str:  # logs and tracebacks get the URLs without their passwords
-        from kombu.utils.url import maybe_sanitize_url
-        from sqlalchemy.engine import make_url
-
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
-        try:
-            shown["database_url"] = make_url(self.database_url).render_as_string(hide_password=True)
-        except Exception:  # not a URL at all: it may still hold a password
-            shown["database_url"] = "(not a database URL; hidden)"
-        shown["broker_url"] = maybe_sanitize_url(self.broker_url)
+        shown["database_url"], shown["broker_url"] = shown_url(self.database_url), shown_url(self.broker_url)
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @classmethod

@@ -16,13 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from realfake.config import SplitConfig, TrainConfig
+from realfake.config import SplitConfig, TrainConfig, goal_of
 from realfake.errors import SpecError
-
-
-def goal_of(metric: str) -> str:
-    """How runs choose their best epoch by this metric: the lowest loss, the highest of the rest."""
-    return "minimize" if metric == "loss" else "maximize"
 
 
 class MetricSpec(BaseModel):

@@ -28,10 +28,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 from sqlalchemy import select
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from realfake.config import Settings, decoded_cache_dir
+from realfake.config import Settings, decoded_cache_dir, shown_url
 from realfake.errors import USER_ERRORS as LIBRARY_ERRORS
 from realfake.report import (
     best_runs,
@@ -105,7 +104,7 @@ def _celery(settings: Settings):
         with celery.connection_for_write() as connection:
             connection.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5)
     except Exception as error:
-        where = make_url(settings.broker_url).render_as_string(hide_password=True)
+        where = shown_url(settings.broker_url)
         raise BrokerUnreachable(f"cannot reach the broker {where}: {str(error).rstrip('.')}. Nothing was written.") from None
     return celery
 
@@ -585,7 +584,7 @@ def migrate_cmd() -> None:
     """Create or upgrade the database schema (the compose file's one-shot `migrate` service)."""
     settings = _settings()
     _database(settings)
-    where = make_engine(settings.database_url).url.render_as_string(hide_password=True)
+    where = shown_url(settings.database_url)
     console.print(f"database schema is up to date: {where}")
 
 
@@ -611,7 +610,7 @@ def main() -> None:
         err.print(_label("error:", "red", str(error)))
         sys.exit(2)
     except (OperationalError, InterfaceError) as error:  # the database is down or unreachable
-        where = make_url(_settings().database_url).render_as_string(hide_password=True)
+        where = shown_url(_settings().database_url)
         reason = str(error.orig or error).strip().splitlines()[0]
         err.print(_label("error:", "red", f"cannot reach the database {where}: {reason}. Nothing was written."))
         sys.exit(1)

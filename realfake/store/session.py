@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
+from realfake.config import shown_url
 from realfake.errors import SettingsError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -33,8 +34,7 @@ def make_engine(url: str) -> Engine:
         try:
             return create_engine(url, pool_pre_ping=True)
         except (ArgumentError, ImportError) as error:  # an unknown dialect or a driver not installed
-            shown = parsed.render_as_string(hide_password=True)
-            raise SettingsError(f"REALFAKE_DATABASE_URL {shown}: {error}; {_URL_FORMS}") from None
+            raise SettingsError(f"REALFAKE_DATABASE_URL {shown_url(url)}: {error}; {_URL_FORMS}") from None
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"timeout": 30})
