@@ -23,6 +23,10 @@ class TrainHooks:
         """Persist an epoch's metrics; return False to stop after this epoch (pruning)."""
         return True
 
+    def check_held(self) -> None:
+        """Called just before a checkpoint replaces the last one: raises if this process may no
+        longer write the run's files (another worker holds it now)."""
+
 
 @dataclass(frozen=True)
 class BestSoFar:

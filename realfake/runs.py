@@ -214,7 +214,8 @@ def _fail_if_out_of_attempts(session: Session, run_id: int, cutoff) -> bool:
         .values(
             status=RunStatus.FAILED,
             finished_at=func.now(),
-            error=f"worker lost on each of {attempt} attempts (last: {worker}); not retried again",
+            error=f"worker lost on attempt {attempt}, the last max_attempts allows (last worker: {worker}); "
+                  f"not retried again",
         )
         .execution_options(synchronize_session=False)
     ).rowcount
@@ -247,24 +248,33 @@ def requeue_stale_runs(factory: sessionmaker[Session], grace_s: float) -> list[i
     return requeued
 
 
-def hand_back_runs(factory: sessionmaker[Session], worker: str) -> list[int]:
+def hand_back_runs(factory: sessionmaker[Session], worker: str, grace_s: float) -> list[int]:
     """The runs `worker` is training, back to waiting for the caller to enqueue, without
     charging the attempt: the worker was asked to stop, it did not fail. Each resumes from its
-    last checkpoint on whichever worker claims it next. A compare-and-set per run and attempt,
-    so the holder's writes are fenced from here on and it stops at its next heartbeat."""
+    last checkpoint on whichever worker claims it next; a run whose cancel was asked ends
+    cancelled instead. A compare-and-set per run and attempt, so the holder's writes are
+    fenced from here on. Only live leases: a stale one left by an earlier process of the same
+    name is a lost attempt, for the sweeper to count."""
     handed = []
     with session_scope(factory) as session:
+        cutoff = database_cutoff(session, grace_s)
         held = session.execute(
-            select(Run.id, Run.attempt).where(Run.worker == worker, Run.status == RunStatus.RUNNING)
+            select(Run.id, Run.attempt, Run.cancel_requested)
+            .where(Run.worker == worker, Run.status == RunStatus.RUNNING, Run.heartbeat_at >= cutoff)
         ).all()
-        for run_id, attempt in held:
-            if session.execute(
+        for run_id, attempt, cancelled in held:
+            if cancelled:
+                values = {"status": RunStatus.CANCELLED, "finished_at": func.now()}
+            else:
+                values = {"status": RunStatus.WAITING, "worker": None, "max_attempts": Run.max_attempts + 1,
+                          "enqueued_at": func.now()}
+            moved = session.execute(
                 update(Run)
                 .where(Run.id == run_id, Run.attempt == attempt, Run.status == RunStatus.RUNNING)
-                .values(status=RunStatus.WAITING, worker=None, max_attempts=Run.max_attempts + 1,
-                        enqueued_at=func.now())
+                .values(**values)
                 .execution_options(synchronize_session=False)
-            ).rowcount:
+            ).rowcount
+            if moved and not cancelled:
                 handed.append(run_id)
     return handed
 
@@ -370,6 +380,13 @@ class SqlHooks(TrainHooks):
                 self.heartbeat.lost.set()
                 return True
         return self._cancelled
+
+    def check_held(self) -> None:
+        if self.lease is None:
+            return
+        with session_scope(self.factory) as session:
+            if session.scalar(select(Run.id).where(_held_by(self.lease))) is None:
+                raise LeaseLost(f"run {self.run_id} is no longer this worker's: its checkpoint is left as it was")
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Metrics], best: BestSoFar) -> bool:
         where = _held_by(self.lease) if self.lease else Run.id == self.run_id

@@ -10,6 +10,8 @@ import contextlib
 import logging
 import math
 import os
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,12 +250,19 @@ def _metrics(dataset: FaceDataset, labels, scores, indices, total_loss: float) -
     return compute_metrics(y, p, loss=total_loss / max(1, len(y)), groups=groups)
 
 
-def save_atomic(obj: dict, path: Path) -> None:
-    """Write-then-rename, so a crash never leaves a half-written checkpoint."""
+def save_atomic(obj: dict, path: Path, before_replace: Callable[[], None] | None = None) -> None:
+    """Write-then-rename, so a crash never leaves a half-written checkpoint. `before_replace`
+    may raise to keep the file as it was (a worker whose lease went while it was writing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    # a random name: workers in containers share checkpoint folders and often their pids too
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        torch.save(obj, tmp)
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -365,7 +374,8 @@ def fit(
             # the epoch's rows first: a worker that lost its lease stops there, before any file
             keep_going = hooks.on_epoch_end(epoch, metrics, best)
             if improved:
-                save_atomic({"model": kept.state_dict(), "epoch": epoch, "config": config_json}, best_path)
+                save_atomic({"model": kept.state_dict(), "epoch": epoch, "config": config_json}, best_path,
+                            hooks.check_held)
             save_atomic(
                 {
                     "model": model.state_dict(),
@@ -378,6 +388,7 @@ def fit(
                     "best_value": best.value,
                 },
                 last_path,
+                hooks.check_held,
             )
             if not keep_going:
                 return FitResult("pruned", epoch, best)

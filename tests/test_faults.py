@@ -63,6 +63,8 @@ def test_a_worker_told_to_stop_hands_its_run_back_at_once(whom, factory, produce
     first = WorkerProcess(cluster_env, "leaving@test", tmp_path).wait_ready()
     producer.send_task("train_run", args=[run_id], queue="train")
     wait_for(lambda: run_state(factory, run_id).epochs_done >= 1, 180, what="a first epoch")
+    last = Path(run_state(factory, run_id).checkpoint_dir) / "last.pt"
+    wait_for(last.exists, 60, what="a checkpoint")
     if whom == "main process":  # as `docker compose stop` does
         first.process.send_signal(signal.SIGTERM)
     else:  # as systemd does by default: the training process too, which then ends at once
@@ -72,7 +74,7 @@ def test_a_worker_told_to_stop_hands_its_run_back_at_once(whom, factory, produce
     assert (left.status, left.worker, left.attempt) == (RunStatus.WAITING, None, 1)
     assert left.max_attempts == 4 and left.epochs_done < 6  # the attempt not counted against its 3
     assert f"run {run_id} handed back at shutdown" in first.log()
-    k = load_checkpoint(Path(left.checkpoint_dir) / "last.pt")["epoch"]
+    k = load_checkpoint(last)["epoch"]
 
     second = WorkerProcess(cluster_env, "successor@test", tmp_path).wait_ready()
     try:  # no wait for a lease to go stale: the handed-back run's message is already queued

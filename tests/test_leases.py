@@ -60,7 +60,7 @@ def test_a_stale_lease_is_taken_over_then_attempts_run_out(factory, run_id, tmp_
     assert claim_run(factory, run_id, "w3", tmp_path, grace_s=60) is None  # max_attempts = 2
     with session_scope(factory) as session:
         run = session.get(Run, run_id)
-        assert run.status is RunStatus.FAILED and "worker lost on each of 2 attempts (last: w2)" in run.error
+        assert run.status is RunStatus.FAILED and "worker lost on attempt 2, the last max_attempts allows (last worker: w2)" in run.error
 
 
 def test_a_run_lost_too_often_can_be_retried_with_its_attempts_anew_and_old_owners_fenced(factory, run_id, tmp_path):
@@ -96,9 +96,9 @@ def test_a_worker_told_to_stop_hands_its_run_back_without_spending_an_attempt(fa
     hooks.lease, hooks.heartbeat = lease, Heartbeat(factory, lease, interval_s=3600)  # no beat in this test
     assert not hooks.should_stop()
     hooks._next_poll = 0.0
-    assert hand_back_runs(factory, "w1") == [run_id]
+    assert hand_back_runs(factory, "w1", grace_s=60) == [run_id]
     assert hooks.should_stop() and hooks.heartbeat.lost.is_set()  # seen at the next poll, not the next beat
-    assert hand_back_runs(factory, "w1") == []
+    assert hand_back_runs(factory, "w1", grace_s=60) == []
     with session_scope(factory) as session:
         run, other = session.get(Run, run_id), session.get(Run, others)
         assert (run.status, run.worker, run.attempt, run.max_attempts) == (RunStatus.WAITING, None, 1, 3)
@@ -110,9 +110,18 @@ def test_a_worker_told_to_stop_hands_its_run_back_without_spending_an_attempt(fa
     assert not finish_run(factory, lease, RunStatus.SUCCEEDED)
     for attempt in (2, 3, 4):  # max_attempts is 2, yet stops never use the run up
         assert claim_run(factory, run_id, f"v{attempt}", tmp_path, grace_s=60).attempt == attempt
-        assert hand_back_runs(factory, f"v{attempt}") == [run_id]
+        assert hand_back_runs(factory, f"v{attempt}", grace_s=60) == [run_id]
     _age_heartbeat(factory, run_id)
     assert requeue_stale_runs(factory, grace_s=60) == []  # waiting, not stale: nothing for the sweeper
+
+    claim_run(factory, run_id, "w1", tmp_path, grace_s=60)
+    _age_heartbeat(factory, run_id)  # a dead earlier process of the same name: a lost attempt, not a stop
+    assert hand_back_runs(factory, "w1", grace_s=60) == []
+    claim_run(factory, run_id, "w1", tmp_path, grace_s=60)
+    request_cancel(factory, run_id)
+    assert hand_back_runs(factory, "w1", grace_s=60) == []  # asked to cancel: it ends so, not waiting
+    with session_scope(factory) as session:
+        assert session.get(Run, run_id).status is RunStatus.CANCELLED
 
 
 def test_requeue_moves_stale_runs_back_to_waiting_once(factory, run_id, tmp_path):
@@ -161,6 +170,21 @@ def test_epoch_writes_are_fenced_by_the_lease(factory, run_id, tmp_path):
     with session_scope(factory) as session:
         run = session.get(Run, run_id)
         assert run.epochs_done == 1 and len(run.epochs) == 2
+
+
+def test_a_checkpoint_is_not_replaced_once_the_lease_is_gone(factory, run_id, tmp_path):
+    from realfake.train import load_checkpoint, save_atomic
+
+    lease = claim_run(factory, run_id, "w1", tmp_path, grace_s=60)
+    hooks = SqlHooks(factory, run_id)
+    hooks.lease = lease
+    path = tmp_path / "run" / "last.pt"
+    save_atomic({"epoch": 1}, path, hooks.check_held)
+    _age_heartbeat(factory, run_id)
+    claim_run(factory, run_id, "w2", tmp_path, grace_s=60)  # written while another worker took over
+    with pytest.raises(LeaseLost):
+        save_atomic({"epoch": 2}, path, hooks.check_held)
+    assert load_checkpoint(path) == {"epoch": 1} and sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
 
 
 def test_cancel_of_a_waiting_run_is_immediate(factory, run_id, tmp_path):

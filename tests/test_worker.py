@@ -95,7 +95,9 @@ def test_a_scoring_shard_with_unreadable_files_writes_one_row_per_file(
 ):
     monkeypatch.setenv("TORCH_HOME", cluster_env["TORCH_HOME"])
     run_id = new_run(factory, data, config(epochs=1))
-    train_run(factory, run_id, cluster_env["REALFAKE_ARTIFACTS"])  # in-process, for a checkpoint
+    # in-process, for a checkpoint, beating as often as the workers' sweepers expect (else they take it over)
+    result = train_run(factory, run_id, cluster_env["REALFAKE_ARTIFACTS"], grace_s=4, heartbeat_s=0.5)
+    assert result.outcome == "completed"
     folder = tmp_path / "to score"
     (folder / "nested").mkdir(parents=True)
     for i, name in enumerate(sorted((data / "fake").iterdir())[:5] + sorted((data / "real").iterdir())[:5]):

@@ -164,36 +164,69 @@ def _stop_sweeper(**_) -> None:
         _sweeper.stopped.set()
 
 
-def hand_back(celery: Celery, worker: str) -> list[int]:
-    """Put the runs `worker` trains back in the queue, their attempts not counted, so a worker
-    told to stop (SIGTERM, Ctrl-C, `docker compose stop`) ends within seconds instead of
-    training its run to the end, and the run goes on elsewhere from its last checkpoint at once
-    rather than after `REALFAKE_LEASE_GRACE_S`. If the database cannot be reached the lease
-    still runs out, as for a lost worker."""
-    from realfake.runs import hand_back_runs
-    from realfake.store import make_engine, session_factory
+class HandBack(threading.Thread):
+    """Runs in every worker's main process, idle until the worker is told to stop (SIGTERM,
+    a first Ctrl-C, `docker compose stop`): then puts the runs it trains back in the queue,
+    their attempts not counted, so the worker ends at its training process's next batch
+    instead of at the run's end, and the run goes on elsewhere from its last checkpoint at once
+    rather than after `REALFAKE_LEASE_GRACE_S`. Again every second while the process lives:
+    a message can still reach this worker, or one stopping beside it, after the first time.
+    If the database cannot be reached, the lease runs out as for a lost worker."""
 
-    settings: Settings = celery.realfake_settings
-    engine = make_engine(settings.database_url)
-    try:
-        runs = hand_back_runs(session_factory(engine), worker)
-        enqueue_runs(celery, runs)
-    except Exception:
-        log.exception("could not hand back the runs of %s; they are taken over when their lease runs out", worker)
-        return []
-    finally:
-        engine.dispose()
-    for run_id in runs:
-        log.warning("run %d handed back at shutdown: the next worker to claim it resumes it from its last "
-                    "checkpoint", run_id)
-    return runs
+    def __init__(self, celery: Celery, interval_s: float = 1.0):
+        super().__init__(name="hand-back", daemon=True)
+        self.celery, self.interval_s = celery, interval_s
+        self.worker = ""
+        self.stopping = threading.Event()
+
+    def request(self, worker: str) -> None:
+        """Safe in a signal handler: sets an event no other code waits on."""
+        self.worker = worker
+        self.stopping.set()
+
+    def run(self) -> None:
+        from realfake.runs import hand_back_runs
+        from realfake.store import make_engine, session_factory
+
+        self.stopping.wait()
+        settings: Settings = self.celery.realfake_settings
+        factory = session_factory(make_engine(settings.database_url))
+        complained = False
+        while True:
+            try:
+                runs = hand_back_runs(factory, self.worker, settings.lease_grace_s)
+            except Exception:
+                if not complained:
+                    log.exception("could not hand back the runs of %s; each is taken over when its lease "
+                                  "runs out", self.worker)
+                complained, runs = True, []
+            for run_id in runs:
+                log.warning("run %d handed back at shutdown: the next worker to claim it resumes it from its "
+                            "last checkpoint", run_id)
+            try:
+                enqueue_runs(self.celery, runs)
+            except Exception:
+                log.exception("runs %s were handed back but their messages could not be sent; any worker's "
+                              "sweeper sends them again after REALFAKE_RESEND_AFTER_S", runs)
+            time.sleep(self.interval_s)
+
+
+_hand_back: HandBack | None = None
+
+
+@worker_ready.connect
+def _start_hand_back(sender=None, **_) -> None:
+    global _hand_back
+    _hand_back = HandBack(app)
+    _hand_back.start()
 
 
 @worker_shutting_down.connect
 def _hand_back_on_shutdown(sender=None, **_) -> None:
-    # Called inside the main process's signal handler, which must not wait on a lock the
-    # interrupted thread may hold: a thread of its own, not a daemon, so the exit waits for it.
-    threading.Thread(target=hand_back, args=(app, str(sender)), name="hand-back").start()
+    # inside the main process's signal handler: nothing here may wait on a lock the
+    # interrupted thread could hold, so the work is the thread's, started with the worker
+    if _hand_back is not None:
+        _hand_back.request(str(sender))
 
 
 @worker_process_init.connect
