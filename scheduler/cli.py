@@ -6,6 +6,7 @@ and exit status 2 in `main`; Typer's own usage errors exit 2 as well.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -145,6 +146,22 @@ def _warn_without_workers(celery, queue: str) -> None:
         ))
 
 
+@contextlib.contextmanager
+def _local_workers(count: int, settings: Settings, left: str):
+    """`count` worker processes for the duration of the block. Ctrl-C stops them, and they
+    hand their work back to the queue; `left` tells the user what waits there and how to go on."""
+    try:
+        with LocalWorkers(count, settings.home / "logs"):
+            try:
+                yield
+            except KeyboardInterrupt:
+                err.print("interrupted: stopping the local workers; what they were doing goes back to the queue")
+                raise
+    except KeyboardInterrupt:
+        err.print(left)
+        raise typer.Exit(130) from None
+
+
 def _wait_for_runs(factory, run_ids: list[int]) -> None:
     """A progress bar per run, fed from SQL, until every run has finished."""
     with Progress(*PROGRESS_COLUMNS, console=err) as progress:
@@ -201,7 +218,8 @@ def sweep(
         if as_json:
             _print_json({"sweep_id": sweep_id, "run_ids": run_ids})
         return
-    with LocalWorkers(workers, settings.home / "logs"):
+    with _local_workers(workers, settings, f"sweep {sweep_id}'s unfinished runs wait in the queue: `realfake-worker` "
+                        f"goes on with them from their last checkpoints; `realfake-scheduler cancel --sweep {sweep_id}` drops them"):
         _wait_for_runs(factory, run_ids)
     runs_cmd(sweep=sweep_id, as_json=as_json)
     _exit_if_failed(factory, run_ids)
@@ -322,7 +340,8 @@ def retry(
     err.print(f"run{'s' if len(runs) > 1 else ''} {', '.join(map(str, runs))} enqueued again")
     if not local:
         return _warn_without_workers(celery, "train")
-    with LocalWorkers(workers, settings.home / "logs"):
+    with _local_workers(workers, settings, "the unfinished runs wait in the queue: `realfake-worker` goes on with "
+                        "them from their last checkpoints; `realfake-scheduler cancel RUN` drops one"):
         _wait_for_runs(factory, runs)
     _exit_if_failed(factory, runs)
 
@@ -383,7 +402,8 @@ def score(
     err.print(f"scoring job {job_id}: {n_files} files in {n_shards} shards with {models}"
               f"{' and TTA' if tta else ''}, fake from P(fake) >= {threshold:g}")
     if local:
-        with LocalWorkers(workers, settings.home / "logs"):
+        with _local_workers(workers, settings, f"job {job_id}'s unscored files wait in the queue: `realfake-worker` "
+                            f"scores them; `realfake-scheduler job {job_id} --wait --out FILE` then writes the rows"):
             _wait_for_job(factory, job_id, n_files)
     else:
         _warn_without_workers(celery, "score")

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -379,3 +380,46 @@ def test_demo_runs_the_whole_loop(home, tmp_path):
     assert hint[0] == f"REALFAKE_HOME={tmp_path / 'demo' / '.realfake'}" and shutil.which(hint[1]) and hint[2:] == ["runs"]
     with (tmp_path / "demo" / "predictions.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 40
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_local_sweep_hands_its_run_back_and_says_how_to_go_on(home, tmp_path):
+    import signal
+
+    from realfake.config import Settings
+    from realfake.store import Run, make_engine, session_factory, session_scope
+
+    root, env = home
+    env = env | {"REALFAKE_HOME": str(tmp_path / ".realfake")}
+    data = make_synthetic(tmp_path / "data", per_class=60, size=64, seed=3)
+    spec = sweep_file(tmp_path / "long.yaml", data, [1e-3], epochs=40)
+    sweeping = subprocess.Popen([sys.executable, "-c", TRACED_CLI, "sweep", spec, "--local"], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    factory = session_factory(engine := make_engine(Settings.from_env(env).database_url))
+
+    def epochs_done() -> int:
+        try:
+            with session_scope(factory) as session:
+                run = session.get(Run, 1)
+                return run.epochs_done if run else 0
+        except Exception:  # the database not made yet
+            return 0
+
+    try:
+        deadline = time.monotonic() + 180
+        while epochs_done() < 1 and time.monotonic() < deadline and sweeping.poll() is None:
+            time.sleep(0.5)
+        sweeping.send_signal(signal.SIGINT)  # Ctrl-C
+        _, stderr = sweeping.communicate(timeout=90)
+    finally:
+        sweeping.kill()
+    assert sweeping.returncode == 130, stderr
+    assert "interrupted: stopping the local workers" in stderr
+    assert "sweep 1's unfinished runs wait in the queue" in stderr and "cancel --sweep 1" in stderr
+    with session_scope(factory) as session:
+        run = session.get(Run, 1)
+        assert (run.status.value, run.worker, run.max_attempts) == ("waiting", None, 4)  # handed back, not lost
+        assert 1 <= run.epochs_done < 40
+    assert any((tmp_path / ".realfake" / "broker" / "queue").iterdir())  # its message, for the next worker
+    assert "run 1: cancelled" in cli("cancel", "--sweep", "1", env=env, cwd=tmp_path).stdout
+    engine.dispose()

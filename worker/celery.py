@@ -164,6 +164,11 @@ def _stop_sweeper(**_) -> None:
         _sweeper.stopped.set()
 
 
+# Set in the main process once the worker is told to stop, read by its pool processes, which
+# inherit it at fork: a stopping worker may still be handed messages, and must not claim runs.
+STOPPING = multiprocessing.Value("b", 0, lock=False)
+
+
 class HandBack(threading.Thread):
     """Runs in every worker's main process, idle until the worker is told to stop (SIGTERM,
     a first Ctrl-C, `docker compose stop`): then puts the runs it trains back in the queue,
@@ -189,6 +194,7 @@ class HandBack(threading.Thread):
         from realfake.store import make_engine, session_factory
 
         self.stopping.wait()
+        STOPPING.value = 1  # before the first hand back, so the pool takes none of these runs again
         settings: Settings = self.celery.realfake_settings
         factory = session_factory(make_engine(settings.database_url))
         complained = False
