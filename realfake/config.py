@@ -233,6 +233,8 @@ def shown_url(url: str) -> str:
     hidden whole, since it may still hold one."""
     from sqlalchemy.engine import make_url
 
+    if url.partition("://")[2].split("/", 1)[0].count("@") > 1:  # an unescaped @ in the password
+        return "(a URL with more than one @; hidden)"
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:

@@ -214,8 +214,8 @@ def _fail_if_out_of_attempts(session: Session, run_id: int, cutoff) -> bool:
         .values(
             status=RunStatus.FAILED,
             finished_at=func.now(),
-            error=f"worker lost on attempt {attempt}, the last max_attempts allows (last worker: {worker}); "
-                  f"not retried again",
+            error=f"out of attempts: its worker was lost on attempt {attempt}, the last allowed (attempts handed "
+                  f"back at a worker's shutdown not counted; last worker: {worker}); `retry` gives it more",
         )
         .execution_options(synchronize_session=False)
     ).rowcount
@@ -234,7 +234,7 @@ def requeue_stale_runs(factory: sessionmaker[Session], grace_s: float) -> list[i
         stale = session.execute(select(Run.id, Run.attempt).where(_stale(cutoff))).all()
         for run_id, attempt in stale:
             if _fail_if_out_of_attempts(session, run_id, cutoff):
-                log.warning("run %d failed: its worker was lost %d times", run_id, attempt)
+                log.warning("run %d failed: its worker was lost on attempt %d, the last allowed", run_id, attempt)
                 continue
             moved = session.execute(
                 update(Run)
@@ -384,9 +384,15 @@ class SqlHooks(TrainHooks):
     def check_held(self) -> None:
         if self.lease is None:
             return
-        with session_scope(self.factory) as session:
-            if session.scalar(select(Run.id).where(_held_by(self.lease))) is None:
-                raise LeaseLost(f"run {self.run_id} is no longer this worker's: its checkpoint is left as it was")
+        try:
+            with session_scope(self.factory) as session:
+                held = session.scalar(select(Run.id).where(_held_by(self.lease))) is not None
+        except Exception:  # a database blip: the epoch's rows, just written, were fenced; keep the files too
+            log.warning("run %d: could not check the lease before writing checkpoints; writing them", self.run_id,
+                        exc_info=True)
+            return
+        if not held:
+            raise LeaseLost(f"run {self.run_id} is no longer this worker's: its checkpoints are left as they were")
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Metrics], best: BestSoFar) -> bool:
         where = _held_by(self.lease) if self.lease else Run.id == self.run_id

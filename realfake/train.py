@@ -251,18 +251,26 @@ def _metrics(dataset: FaceDataset, labels, scores, indices, total_loss: float) -
 
 
 def save_atomic(obj: dict, path: Path, before_replace: Callable[[], None] | None = None) -> None:
-    """Write-then-rename, so a crash never leaves a half-written checkpoint. `before_replace`
-    may raise to keep the file as it was (a worker whose lease went while it was writing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a random name: workers in containers share checkpoint folders and often their pids too
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    """Write-then-rename, so a crash never leaves a half-written checkpoint."""
+    save_all({path: obj}, before_replace)
+
+
+def save_all(files: dict[Path, dict], before_replace: Callable[[], None] | None = None) -> None:
+    """Each file written aside, then `before_replace` asked once (it may raise, to keep every
+    file as it was: a worker whose lease went while it was writing), then all put in place."""
+    # random names: workers in containers share checkpoint folders and often their pids too
+    pending = {path: path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp") for path in files}
     try:
-        torch.save(obj, tmp)
+        for path, obj in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(obj, pending[path])
         if before_replace is not None:
             before_replace()
-        os.replace(tmp, path)
+        for path, tmp in pending.items():
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in pending.values():
+            tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -373,23 +381,19 @@ def fit(
                 best = BestSoFar(epoch, selection)
             # the epoch's rows first: a worker that lost its lease stops there, before any file
             keep_going = hooks.on_epoch_end(epoch, metrics, best)
+            files = {last_path: {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
+                "epoch": epoch,
+                "config": config_json,
+                "best_epoch": best.epoch,
+                "best_value": best.value,
+            }}
             if improved:
-                save_atomic({"model": kept.state_dict(), "epoch": epoch, "config": config_json}, best_path,
-                            hooks.check_held)
-            save_atomic(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_scheduler.state_dict(),
-                    **({"ema": ema.state_dict()} if ema is not None else {}),
-                    "epoch": epoch,
-                    "config": config_json,
-                    "best_epoch": best.epoch,
-                    "best_value": best.value,
-                },
-                last_path,
-                hooks.check_held,
-            )
+                files[best_path] = {"model": kept.state_dict(), "epoch": epoch, "config": config_json}
+            save_all(files, hooks.check_held)  # both or neither, as the epoch's rows say
             if not keep_going:
                 return FitResult("pruned", epoch, best)
     except StopRequested:

@@ -155,7 +155,8 @@ def _local_workers(count: int, settings: Settings, left: str):
             try:
                 yield
             except KeyboardInterrupt:
-                err.print("interrupted: stopping the local workers; what they were doing goes back to the queue")
+                err.print("interrupted: stopping the local workers; what they were doing goes back to the queue "
+                          "(Ctrl-C again kills them)")
                 raise
     except KeyboardInterrupt:
         err.print(left)
@@ -423,11 +424,13 @@ def job_cmd(
     Exit status 3 while files are still to be scored, else 1 if a file could not be scored."""
     if out is not None:
         _check_writable(out)
-    factory = _database(_settings())
+    settings = _settings()
+    factory = _database(settings)
     if wait:
         with session_scope(factory) as session:
             done, total = job_progress(session, job)
         if done < total:
+            _warn_without_workers(_celery(settings), "score")
             _wait_for_job(factory, job, total)
     _job_result(factory, job, out, as_json)
 

@@ -105,5 +105,10 @@ class LocalWorkers:
     def __exit__(self, *exc) -> None:
         for worker in self.workers:  # all told at once, so their handbacks overlap
             worker.terminate()
-        for worker in self.workers:
-            worker.stop()
+        try:
+            for worker in self.workers:
+                worker.stop()
+        except KeyboardInterrupt:  # Ctrl-C again: no more waiting; their runs were handed back or their leases run out
+            for worker in self.workers:
+                worker.kill()
+            raise

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import secrets
+import tempfile
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from celery import Celery
 from celery.signals import (
+    worker_init,
     worker_process_init,
     worker_ready,
     worker_shutdown,
@@ -162,11 +167,19 @@ def _start_sweeper(sender=None, **_) -> None:
 def _stop_sweeper(**_) -> None:
     if _sweeper is not None:
         _sweeper.stopped.set()
+    if os.environ.get(STOPPING_FLAG):  # the pool has ended: the flag has no reader left
+        Path(os.environ[STOPPING_FLAG]).unlink(missing_ok=True)
 
 
-# Set in the main process once the worker is told to stop, read by its pool processes, which
-# inherit it at fork: a stopping worker may still be handed messages, and must not claim runs.
-STOPPING = multiprocessing.Value("b", 0, lock=False)
+STOPPING_FLAG = "REALFAKE_STOPPING_FLAG"
+
+
+def worker_stopping() -> bool:
+    """In a pool process: whether its worker was told to stop. A file its main process makes,
+    named in the environment the pool inherits (with fork or spawn alike): a stopping worker
+    may still be handed messages, and must not claim runs."""
+    flag = os.environ.get(STOPPING_FLAG)
+    return bool(flag) and os.path.exists(flag)
 
 
 class HandBack(threading.Thread):
@@ -181,20 +194,21 @@ class HandBack(threading.Thread):
     def __init__(self, celery: Celery, interval_s: float = 1.0):
         super().__init__(name="hand-back", daemon=True)
         self.celery, self.interval_s = celery, interval_s
-        self.worker = ""
-        self.stopping = threading.Event()
+        self.worker: str | None = None
 
     def request(self, worker: str) -> None:
-        """Safe in a signal handler: sets an event no other code waits on."""
+        """Safe in a signal handler, even one interrupting itself: a plain assignment, no lock."""
         self.worker = worker
-        self.stopping.set()
 
     def run(self) -> None:
         from realfake.runs import hand_back_runs
         from realfake.store import make_engine, session_factory
 
-        self.stopping.wait()
-        STOPPING.value = 1  # before the first hand back, so the pool takes none of these runs again
+        while self.worker is None:
+            time.sleep(0.2)
+        flag = os.environ.get(STOPPING_FLAG)
+        if flag:  # before the first hand back, so the pool claims none of these runs again
+            Path(flag).touch()
         settings: Settings = self.celery.realfake_settings
         factory = session_factory(make_engine(settings.database_url))
         complained = False
@@ -218,6 +232,12 @@ class HandBack(threading.Thread):
 
 
 _hand_back: HandBack | None = None
+
+
+@worker_init.connect
+def _name_stopping_flag(**_) -> None:
+    # before the pool starts, so its processes inherit the name; one file per worker process
+    os.environ[STOPPING_FLAG] = str(Path(tempfile.gettempdir()) / f"realfake-stopping-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 @worker_ready.connect

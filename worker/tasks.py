@@ -12,7 +12,7 @@ from realfake.config import Settings
 from realfake.inference import ModelCache, score_shard
 from realfake.runs import train_run as train
 from realfake.store import make_engine, session_factory
-from worker.celery import STOPPING, app
+from worker.celery import app, worker_stopping
 
 _factories: dict[int, sessionmaker[Session]] = {}
 _models = ModelCache(precision=app.realfake_settings.score_precision)
@@ -33,7 +33,7 @@ def _settings() -> Settings:
 @app.task(name="train_run", bind=True)
 def train_run(self, run_id: int) -> str:
     """Train run `run_id` if its lease in SQL lets this worker; resume from its checkpoint."""
-    if STOPPING.value:  # told to stop: back to the queue for another worker, after a pause, not spinning
+    if worker_stopping():  # told to stop: back to the queue for another worker, after a pause, not spinning
         time.sleep(1.0)
         raise Reject(f"worker stopping: run {run_id} left to another", requeue=True)
     settings = _settings()
