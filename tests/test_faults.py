@@ -28,64 +28,59 @@ def factory(cluster_factory):
     return cluster_factory
 
 
-def test_a_worker_killed_mid_epoch_is_taken_over_from_its_checkpoint(factory, producer, cluster_env, tmp_path):
+def _training_past_its_first_checkpoint(factory, producer, cluster_env, tmp_path, name, epochs):
+    """A run trained by a worker of its own, once it has written its first epoch and last.pt."""
     data = make_synthetic(tmp_path / "data", per_class=150, size=96, seed=2)
-    run_id = new_run(factory, data, config(epochs=4, resize=96, image_size=96))
-    first = WorkerProcess(cluster_env, "doomed@test", tmp_path).wait_ready()
+    run_id = new_run(factory, data, config(epochs=epochs, resize=96, image_size=96))
+    worker = WorkerProcess(cluster_env, name, tmp_path).wait_ready()
     producer.send_task("train_run", args=[run_id], queue="train")
     wait_for(lambda: run_state(factory, run_id).epochs_done >= 1, 180, what="a first epoch")
     last = Path(run_state(factory, run_id).checkpoint_dir) / "last.pt"
     wait_for(last.exists, 60, what="a checkpoint")
-    assert run_state(factory, run_id).worker == "doomed@test"
-    first.kill()
-    killed_at = run_state(factory, run_id)
-    assert killed_at.status is RunStatus.RUNNING and killed_at.epochs_done < 4
-    k = load_checkpoint(last)["epoch"]
+    return run_id, worker, last
 
-    second = WorkerProcess(cluster_env, "rescuer@test", tmp_path).wait_ready()
+
+def _finished_by_a_new_worker(factory, cluster_env, tmp_path, run_id, k, epochs, name="successor@test"):
+    """The run, finished by a worker started now, resumed at epoch k + 1 with attempt 2."""
+    second = WorkerProcess(cluster_env, name, tmp_path).wait_ready()
     try:
         run = wait_finished(factory, run_id, timeout=300)
     finally:
         second.stop()
     assert run.status is RunStatus.SUCCEEDED, run.error
-    assert run.attempt == 2 and run.worker == "rescuer@test"
+    assert (run.attempt, run.worker) == (2, name)
     with session_scope(factory) as session:
         rows = epoch_rows(session, run_id)
-    assert len(rows) == 4 * 3
-    attempts = {r.epoch: r.attempt for r in rows}
-    assert attempts == {e: (1 if e <= k else 2) for e in range(1, 5)}  # resumed at k + 1, not epoch 1
+    assert len(rows) == epochs * 3
+    assert {r.epoch: r.attempt for r in rows} == {e: (1 if e <= k else 2) for e in range(1, epochs + 1)}
+
+
+def test_a_worker_killed_mid_epoch_is_taken_over_from_its_checkpoint(factory, producer, cluster_env, tmp_path):
+    run_id, first, last = _training_past_its_first_checkpoint(factory, producer, cluster_env, tmp_path,
+                                                              "doomed@test", epochs=4)
+    assert run_state(factory, run_id).worker == "doomed@test"
+    first.kill()
+    killed_at = run_state(factory, run_id)
+    assert killed_at.status is RunStatus.RUNNING and killed_at.epochs_done < 4
+    # taken over once the lease is stale, resumed at k + 1, not epoch 1
+    _finished_by_a_new_worker(factory, cluster_env, tmp_path, run_id, load_checkpoint(last)["epoch"], 4, "rescuer@test")
 
 
 @pytest.mark.parametrize("whom", ["main process", "process group"])
 def test_a_worker_told_to_stop_hands_its_run_back_at_once(whom, factory, producer, cluster_env, tmp_path):
-    data = make_synthetic(tmp_path / "data", per_class=150, size=96, seed=2)
-    run_id = new_run(factory, data, config(epochs=6, resize=96, image_size=96))
-    first = WorkerProcess(cluster_env, "leaving@test", tmp_path).wait_ready()
-    producer.send_task("train_run", args=[run_id], queue="train")
-    wait_for(lambda: run_state(factory, run_id).epochs_done >= 1, 180, what="a first epoch")
-    last = Path(run_state(factory, run_id).checkpoint_dir) / "last.pt"
-    wait_for(last.exists, 60, what="a checkpoint")
+    run_id, first, last = _training_past_its_first_checkpoint(factory, producer, cluster_env, tmp_path,
+                                                              "leaving@test", epochs=6)
     if whom == "main process":  # as `docker compose stop` does
         first.process.send_signal(signal.SIGTERM)
     else:  # as systemd does by default: the training process too, which then ends at once
         os.killpg(first.process.pid, signal.SIGTERM)
-    assert first.process.wait(60) == 0, first.log()[-3000:]  # within seconds, not at the run's end
+    assert first.process.wait(60) == 0, first.log()[-3000:]  # after the batch under way, not at the run's end
     left = run_state(factory, run_id)
     assert (left.status, left.worker, left.attempt) == (RunStatus.WAITING, None, 1)
     assert left.max_attempts == 4 and left.epochs_done < 6  # the attempt not counted against its 3
     assert f"run {run_id} handed back at shutdown" in first.log()
-    k = load_checkpoint(last)["epoch"]
-
-    second = WorkerProcess(cluster_env, "successor@test", tmp_path).wait_ready()
-    try:  # no wait for a lease to go stale: the handed-back run's message is already queued
-        run = wait_finished(factory, run_id, timeout=300)
-    finally:
-        second.stop()
-    assert run.status is RunStatus.SUCCEEDED, run.error
-    assert (run.attempt, run.worker) == (2, "successor@test")
-    with session_scope(factory) as session:
-        attempts = {r.epoch: r.attempt for r in epoch_rows(session, run_id)}
-    assert attempts == {e: (1 if e <= k else 2) for e in range(1, 7)}  # resumed at k + 1
+    # no wait for a lease to go stale: the handed-back run's message is already queued
+    _finished_by_a_new_worker(factory, cluster_env, tmp_path, run_id, load_checkpoint(last)["epoch"], 6)
 
 
 class OwnRedis:
