@@ -254,6 +254,7 @@ class Settings:
     lease_grace_s: float = 120.0  # a lease this long without a heartbeat is taken over
     resend_after_s: float = 900.0  # unclaimed runs / stalled jobs this old get their messages again
     score_precision: str = "auto"  # scoring workers: auto | fp32 | bf16
+    broker_poll_s: float = 0.1  # how often a worker looks for messages on the filesystem broker
 
     def __repr__(self) -> str:  # logs and tracebacks get the URLs without their passwords
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -291,4 +292,5 @@ class Settings:
             raise SettingsError(f"REALFAKE_LEASE_GRACE_S ({grace_s:g} s) must be at least 3 heartbeats "
                                 f"(REALFAKE_HEARTBEAT_S, {heartbeat_s:g} s), or a live worker's runs would be taken over")
         resend_s = seconds("REALFAKE_RESEND_AFTER_S", 900)
-        return cls(home, database_url, broker_url, artifacts, roots, heartbeat_s, grace_s, resend_s, precision)
+        poll_s = seconds("REALFAKE_BROKER_POLL_S", 0.1)
+        return cls(home, database_url, broker_url, artifacts, roots, heartbeat_s, grace_s, resend_s, precision, poll_s)

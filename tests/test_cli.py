@@ -423,3 +423,72 @@ def test_ctrl_c_in_a_local_sweep_hands_its_run_back_and_says_how_to_go_on(home, 
     assert any((tmp_path / ".realfake" / "broker" / "queue").iterdir())  # its message, for the next worker
     assert "run 1: cancelled" in cli("cancel", "--sweep", "1", env=env, cwd=tmp_path).stdout
     engine.dispose()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_local_scoring_leaves_the_rest_to_a_worker_and_loses_no_file(home, finished_sweep, tmp_path):
+    import re
+    import signal
+
+    from realfake.config import Settings
+    from realfake.scoring import rows_written
+    from realfake.store import make_engine, session_factory, session_scope
+    from scheduler.local import WorkerProcess, wait_for
+
+    root, env = home
+    folder = tmp_path / "many"
+    folder.mkdir()
+    images = sorted((root / "data" / "real").iterdir()) + sorted((root / "data" / "fake").iterdir())
+    for copy in range(3):  # 600 files, one a task: far more than the local worker scores before the Ctrl-C
+        for image in images:
+            shutil.copy(image, folder / f"{copy}-{image.parent.name}-{image.name}")
+    scoring = subprocess.Popen(
+        [sys.executable, "-c", TRACED_CLI, "score", str(folder), "--model", "best", "--shard-size", "1", "--local"],
+        env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    factory = session_factory(engine := make_engine(Settings.from_env(env).database_url))
+    try:
+        job_id = wait_for(lambda: _latest_job(factory, folder), 120, what="the scoring job")
+
+        def written() -> int:
+            with session_scope(factory) as session:
+                return rows_written(session, job_id)
+
+        wait_for(lambda: written() >= 3 or scoring.poll() is not None, 180, what="the first rows")
+        scoring.send_signal(signal.SIGINT)  # Ctrl-C
+        _, stderr = scoring.communicate(timeout=90)
+    finally:
+        scoring.kill()
+    assert scoring.returncode == 130, stderr
+    assert f"job {job_id}'s unscored files wait in the queue" in stderr
+    assert f"job {job_id} --wait --out FILE" in stderr
+    assert re.search(rf"scoring job {job_id}: 600 files in 600 shards", stderr)
+    left_off = written()
+    assert 3 <= left_off < 600
+
+    worker = WorkerProcess(env, "resume@test", tmp_path / "logs", queues="score")  # the hint's `realfake-worker`
+    try:
+        worker.wait_ready()
+        result = cli("job", job_id, "--wait", "--out", tmp_path / "all.csv", env=env, cwd=root, timeout=300)
+    finally:
+        worker.stop()
+    assert result.returncode == 0, result.stderr + worker.log()[-3000:]
+    with (tmp_path / "all.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(os.path.basename(r["path"]) for r in rows) == sorted(p.name for p in folder.iterdir())
+    assert all(r["label"] in {"real", "fake"} and not r["error"] for r in rows)
+    engine.dispose()
+
+
+def _latest_job(factory, folder) -> int | None:
+    """The id of the newest scoring job over `folder`, once the scheduler has made it."""
+    from sqlalchemy import select
+
+    from realfake.store import ScoringJob, session_scope
+
+    try:
+        with session_scope(factory) as session:
+            return session.scalar(select(ScoringJob.id).where(ScoringJob.folder == str(folder))
+                                  .order_by(ScoringJob.id.desc()).limit(1))
+    except Exception:  # the tables not made yet
+        return None

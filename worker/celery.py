@@ -47,6 +47,8 @@ def broker_transport_options(settings: Settings) -> dict:
             "processed_folder": str(folder / "processed"),
             "control_folder": str(folder / "control"),  # the default is ./control in the working directory
             "store_processed": False,
+            # kombu's default, 1 s, is a pause between any two tasks: a worker would score at most one shard a second
+            "polling_interval": settings.broker_poll_s,
         }
     return {"visibility_timeout": VISIBILITY_TIMEOUT_S}
 
