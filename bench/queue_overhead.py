@@ -2,6 +2,10 @@
 process, and the dispatch latency of an empty task (sent -> started on a worker).
 
     python bench/queue_overhead.py [--broker-url redis://127.0.0.1:6379/12] [--images 2000]
+    python bench/queue_overhead.py --broker-url filesystem:// --poll-s 1.0 0.1 --images 400 --shard-size 10
+
+With the filesystem broker (the embedded default) each `--poll-s` is a worker's interval
+between looks at the queue folder (`REALFAKE_BROKER_POLL_S`), measured one after another.
 """
 
 from __future__ import annotations
@@ -36,23 +40,27 @@ def dispatch_latencies(celery, count: int) -> list[float]:
     sent: dict[str, float] = {}
     started: dict[str, float] = {}
     ready = threading.Event()
+    listening = {}
 
     def listen():
         with celery.connection() as connection:
-            receiver = celery.events.Receiver(connection, handlers={
+            receiver = listening["receiver"] = celery.events.Receiver(connection, handlers={
                 "task-sent": lambda e: sent.__setitem__(e["uuid"], e["timestamp"]),
                 "task-started": lambda e: started.__setitem__(e["uuid"], e["timestamp"]),
             })
             ready.set()
             receiver.capture(limit=None, timeout=None, wakeup=True)
 
-    threading.Thread(target=listen, daemon=True).start()
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
     ready.wait(10)
     time.sleep(1.0)
     ids = []
     for _ in range(count):
         ids.append(celery.send_task("ping", queue="score").id)
         wait_for(lambda: ids[-1] in started, 30, interval=0.002, what="an empty task")
+    listening["receiver"].should_stop = True  # before its broker's folder goes
+    listener.join(10)
     return [started[i] - sent[i] for i in ids if i in sent]
 
 
@@ -62,10 +70,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--shard-size", type=int, default=250)
     parser.add_argument("--pings", type=int, default=200)
+    parser.add_argument("--poll-s", type=float, nargs="+", default=[0.1], help="filesystem broker only")
     args = parser.parse_args()
-    import redis
+    filesystem = args.broker_url.startswith("filesystem:")
+    if not filesystem:
+        import redis
 
-    redis.Redis.from_url(args.broker_url).flushdb()
+        redis.Redis.from_url(args.broker_url).flushdb()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         env = dict(os.environ, REALFAKE_HOME=str(tmp / ".realfake"), REALFAKE_BROKER_URL=args.broker_url)
@@ -99,31 +110,44 @@ def main() -> None:
             score_shard(factory, job_id, shard, cache=cache)
         one_process = args.images / (time.perf_counter() - started)
 
-        from worker.celery import make_app
-
-        celery = make_app(settings)
         threads = torch.get_num_threads()
-        with LocalWorkers(1, tmp / "logs", env | {"OMP_NUM_THREADS": str(threads)}):
-            warm, _ = new_job()
-            celery.send_task("score_batch", args=[warm, 0], queue="score")
-            wait_for(lambda: rows(warm) >= args.shard_size, 300, what="warm-up")
-            job_id, n_shards = new_job()
-            started = time.perf_counter()
-            for shard in range(n_shards):
-                celery.send_task("score_batch", args=[job_id, shard], queue="score")
-            wait_for(lambda: rows(job_id) >= args.images, 600, interval=0.05, what="the job")
-            queued = args.images / (time.perf_counter() - started)
-            latencies = sorted(dispatch_latencies(celery, args.pings))
+        queued, latencies = {}, {}
+        for poll_s in args.poll_s if filesystem else [None]:
+            worker_env = env | {"OMP_NUM_THREADS": str(threads)}
+            if poll_s is not None:
+                worker_env["REALFAKE_BROKER_POLL_S"] = str(poll_s)
+            queued[poll_s], latencies[poll_s] = through_workers(
+                Settings.from_env(worker_env), worker_env, tmp / "logs", new_job, rows, args)
         engine.dispose()
 
-    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
     print(f"{args.images} 32x32 images, mobilenet_v2 at 32 px, shards of {args.shard_size}, broker {args.broker_url}, "
           f"SQLite, torch threads {threads}")
-    print(f"one process:              {one_process:7.0f} img/s")
-    print(f"Redis + 1 worker:         {queued:7.0f} img/s")
-    print(f"ratio queued/one process: {queued / one_process:7.2f}   (goal >= 0.8)")
-    print(f"empty task dispatch, sent -> started, {len(latencies)} tasks: median {statistics.median(latencies) * 1000:.1f} ms, "
-          f"p99 {p99 * 1000:.1f} ms")
+    print(f"one process:                        {one_process:7.0f} img/s")
+    for poll_s, rate in queued.items():
+        broker = "Redis" if poll_s is None else f"filesystem, poll {poll_s:g} s"
+        times = sorted(latencies[poll_s])
+        p99 = times[min(len(times) - 1, int(0.99 * len(times)))]
+        print(f"{broker + ' + 1 worker:':35s}{rate:7.0f} img/s   ratio queued/one process {rate / one_process:.2f} "
+              f"(goal >= 0.8); empty task sent -> started, {len(times)} tasks: median {statistics.median(times) * 1000:.1f} ms, "
+              f"p99 {p99 * 1000:.1f} ms")
+
+
+def through_workers(settings, env, log_dir, new_job, rows, args) -> tuple[float, list[float]]:
+    """Images a second scored through the broker by one warm worker, and empty-task latencies."""
+    from worker.celery import make_app
+
+    celery = make_app(settings)
+    with LocalWorkers(1, log_dir, env):
+        warm, _ = new_job()
+        celery.send_task("score_batch", args=[warm, 0], queue="score")
+        wait_for(lambda: rows(warm) >= args.shard_size, 300, what="warm-up")
+        job_id, n_shards = new_job()
+        started = time.perf_counter()
+        for shard in range(n_shards):
+            celery.send_task("score_batch", args=[job_id, shard], queue="score")
+        wait_for(lambda: rows(job_id) >= args.images, 1800, interval=0.05, what="the job")
+        queued = args.images / (time.perf_counter() - started)
+        return queued, dispatch_latencies(celery, args.pings)
 
 
 if __name__ == "__main__":
