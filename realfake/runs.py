@@ -288,14 +288,13 @@ def resend_waiting_runs(factory: sessionmaker[Session], after_s: float) -> list[
         cutoff = database_cutoff(session, after_s)
         last_sent = func.coalesce(Run.enqueued_at, Run.created_at)
         waiting = session.execute(
-            select(Run.id, Run.enqueued_at).where(
-                Run.status == RunStatus.WAITING, Run.cancel_requested.is_(False), last_sent < cutoff
-            )
-        ).all()
-        for run_id, enqueued_at in waiting:
-            same = Run.enqueued_at.is_(None) if enqueued_at is None else Run.enqueued_at == enqueued_at
+            select(Run.id).where(Run.status == RunStatus.WAITING, Run.cancel_requested.is_(False), last_sent < cutoff)
+        ).scalars().all()
+        for run_id in waiting:
+            # compare-and-set on the condition, not on the stamp read: SQLite keeps
+            # CURRENT_TIMESTAMP's text, which a datetime read back and bound again never equals
             if session.execute(
-                update(Run).where(Run.id == run_id, Run.status == RunStatus.WAITING, same)
+                update(Run).where(Run.id == run_id, Run.status == RunStatus.WAITING, last_sent < cutoff)
                 .values(enqueued_at=func.now()).execution_options(synchronize_session=False)
             ).rowcount:
                 resend.append(run_id)

@@ -104,13 +104,14 @@ def resend_missing_shards(factory: sessionmaker[Session], after_s: float) -> lis
     with session_scope(factory) as session:
         cutoff = database_cutoff(session, after_s)
         last = func.coalesce(ScoringJob.progress_at, ScoringJob.created_at)
-        stalled = session.execute(
-            select(ScoringJob.id, ScoringJob.progress_at).where(ScoringJob.status != JobStatus.DONE, last < cutoff)
+        stalled = session.scalars(
+            select(ScoringJob.id).where(ScoringJob.status != JobStatus.DONE, last < cutoff)
         ).all()
-        for job_id, progress_at in stalled:
-            same = ScoringJob.progress_at.is_(None) if progress_at is None else ScoringJob.progress_at == progress_at
+        for job_id in stalled:
+            # compare-and-set on the condition itself, not on the stamp read: SQLite keeps
+            # CURRENT_TIMESTAMP's text, which a datetime read back and bound again never equals
             claimed = session.execute(
-                update(ScoringJob).where(ScoringJob.id == job_id, same).values(progress_at=func.now())
+                update(ScoringJob).where(ScoringJob.id == job_id, last < cutoff).values(progress_at=func.now())
                 .execution_options(synchronize_session=False)
             ).rowcount
             if not claimed:

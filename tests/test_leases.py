@@ -234,3 +234,20 @@ def test_unclaimed_runs_are_sent_again_at_most_once_per_period(factory, run_id, 
         session.execute(update(Run).where(Run.id == run_id).values(enqueued_at=an_hour_ago))
     claim_run(factory, run_id, "w1", tmp_path, grace_s=60)
     assert resend_waiting_runs(factory, after_s=3600) == []  # claimed: nothing to send
+
+
+def test_a_run_sent_again_is_sent_again_after_another_period(factory, run_id):
+    """The second time too: its stamp was then the database's own clock (CURRENT_TIMESTAMP,
+    which SQLite keeps as text a datetime read back never equals)."""
+    from datetime import datetime, timedelta, timezone
+
+    from realfake.runs import resend_waiting_runs
+
+    with session_scope(factory) as session:
+        long_ago = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=2)
+        session.execute(update(Run).where(Run.id == run_id).values(created_at=long_ago))
+    assert resend_waiting_runs(factory, after_s=2) == [run_id]
+    assert resend_waiting_runs(factory, after_s=2) == []
+    time.sleep(3.5)
+    assert resend_waiting_runs(factory, after_s=2) == [run_id]
+
