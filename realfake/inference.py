@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +29,7 @@ from realfake.data import (
 )
 from realfake.models import build_model, fold_batchnorm, mean_fake_probability
 from realfake.samples import ensure_inside
-from realfake.scoring import model_checkpoint, rows_written
+from realfake.scoring import model_checkpoint, rows_written, shard_lease
 from realfake.store import (
     JobStatus,
     Prediction,
@@ -125,40 +126,9 @@ def _mark_done_if_complete(factory: sessionmaker[Session], job_id: int) -> None:
         )
 
 
-def score_shard(
-    factory: sessionmaker[Session],
-    job_id: int,
-    shard: int,
-    roots: Sequence[Path] = (),
-    cache: ModelCache | None = None,
-    threads: int | None = None,
-    device_decode: bool = False,
-) -> int:
-    """Score one shard of a job; returns the number of rows written.
-
-    `device_decode`: decode JPEGs on the model's device (batched nvJPEG on CUDA). Off by
-    default on every device: on an H200 with 16 cores, ResNet50 scored 233 faces a second
-    from nvJPEG and 854 from PIL's reduced-scale decoding in 16 threads (bench/gpu.py).
-    """
-    cache = cache or ModelCache()
-    with session_scope(factory) as session:
-        job = session.get(ScoringJob, job_id)
-        if job is None:
-            raise LookupError(f"scoring job {job_id} does not exist")
-        if not 0 <= shard < job.n_shards:
-            raise LookupError(f"scoring job {job_id} has no shard {shard}")
-        files, folder, batch_size = job.shards[shard], Path(job.folder), job.batch_size
-        tta, threshold = job.tta, job.threshold
-        written = session.scalar(select(func.count()).select_from(Prediction)
-                                 .where(Prediction.job_id == job_id, Prediction.shard == shard))
-        scored_already = written == len(files)
-        if not scored_already:
-            checkpoints = [model_checkpoint(session.get(Run, run_id)) for run_id in job.run_ids or [job.run_id]]
-            if job.status is JobStatus.WAITING:
-                job.status = JobStatus.RUNNING
-    if scored_already:  # a resent or twice-delivered shard: nothing to score again, but the job may still
-        _mark_done_if_complete(factory, job_id)  # wait for the mark its first delivery did not live to make
-        return 0
+def _score_files(job_id, shard, files, folder, batch_size, tta, threshold, checkpoints, roots, cache, threads,
+                 device_decode) -> list[dict]:
+    """One prediction row per file of the shard: P(fake) and label, or the error that kept it from a score."""
     cache.capacity = max(cache.capacity, len(checkpoints))
     models = [cache.get(checkpoint) for checkpoint in checkpoints]
     # An ensemble's runs may differ in input size (a sweep over resolution): each image is
@@ -201,9 +171,52 @@ def score_shard(
                     {"job_id": job_id, "shard": shard, "path": rel, "p_fake": p, "error": errors.get(rel),
                      "label": None if p is None else ("fake" if p >= threshold else "real")}
                 )
+    return rows
+
+
+def score_shard(
+    factory: sessionmaker[Session],
+    job_id: int,
+    shard: int,
+    roots: Sequence[Path] = (),
+    cache: ModelCache | None = None,
+    threads: int | None = None,
+    device_decode: bool = False,
+    worker: str | None = None,
+    heartbeat_s: float = 10.0,
+) -> int:
+    """Score one shard of a job; returns the number of rows written. While it scores, `worker`
+    (default: this host and process) holds the shard's lease, stamped every `heartbeat_s`.
+
+    `device_decode`: decode JPEGs on the model's device (batched nvJPEG on CUDA). Off by
+    default on every device: on an H200 with 16 cores, ResNet50 scored 233 faces a second
+    from nvJPEG and 854 from PIL's reduced-scale decoding in 16 threads (bench/gpu.py).
+    """
+    cache = cache or ModelCache()
     with session_scope(factory) as session:
-        upsert(session, Prediction, rows, keys=("job_id", "path"))
-        session.execute(update(ScoringJob).where(ScoringJob.id == job_id).values(progress_at=func.now()))
+        job = session.get(ScoringJob, job_id)
+        if job is None:
+            raise LookupError(f"scoring job {job_id} does not exist")
+        if not 0 <= shard < job.n_shards:
+            raise LookupError(f"scoring job {job_id} has no shard {shard}")
+        files, folder, batch_size = job.shards[shard], Path(job.folder), job.batch_size
+        tta, threshold = job.tta, job.threshold
+        written = session.scalar(select(func.count()).select_from(Prediction)
+                                 .where(Prediction.job_id == job_id, Prediction.shard == shard))
+        scored_already = written == len(files)
+        if not scored_already:
+            checkpoints = [model_checkpoint(session.get(Run, run_id)) for run_id in job.run_ids or [job.run_id]]
+            if job.status is JobStatus.WAITING:
+                job.status = JobStatus.RUNNING
+    if scored_already:  # a resent or twice-delivered shard: nothing to score again, but the job may still
+        _mark_done_if_complete(factory, job_id)  # wait for the mark its first delivery did not live to make
+        return 0
+    with shard_lease(factory, job_id, shard, worker or f"{socket.gethostname()}:{os.getpid()}", heartbeat_s):
+        rows = _score_files(job_id, shard, files, folder, batch_size, tta, threshold, checkpoints, roots, cache,
+                            threads, device_decode)
+        with session_scope(factory) as session:
+            upsert(session, Prediction, rows, keys=("job_id", "path"))
+            session.execute(update(ScoringJob).where(ScoringJob.id == job_id).values(progress_at=func.now()))
     _mark_done_if_complete(factory, job_id)
     log.info("job %d shard %d: %d rows, %d errors", job_id, shard, len(rows), sum(r["error"] is not None for r in rows))
     return len(rows)

@@ -6,10 +6,13 @@ Nothing here loads torch: the scheduler creates jobs and follows their progress 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from realfake.errors import RunNotFound, ScoringError
@@ -19,9 +22,13 @@ from realfake.store import (
     Prediction,
     Run,
     ScoringJob,
+    ShardLease,
     database_cutoff,
     session_scope,
+    upsert,
 )
+
+log = logging.getLogger(__name__)
 
 
 def list_files(folder: Path) -> list[str]:
@@ -121,6 +128,67 @@ def resend_missing_shards(factory: sessionmaker[Session], after_s: float) -> lis
                 select(Prediction.shard, func.count()).where(Prediction.job_id == job_id).group_by(Prediction.shard)
             ).all())
             resend += [(job_id, i) for i, files in enumerate(job.shards) if written.get(i, 0) < len(files)]
+    return resend
+
+
+@contextmanager
+def shard_lease(factory: sessionmaker[Session], job_id: int, shard: int, worker: str, heartbeat_s: float) -> Iterator[None]:
+    """Hold the shard's lease while the block scores it: stamped every `heartbeat_s` by a
+    thread, dropped when the block ends, whether it wrote the rows or raised. Only a worker
+    that dies mid-shard leaves the lease behind, for `resend_abandoned_shards`."""
+    with session_scope(factory) as session:
+        upsert(session, ShardLease, [{"job_id": job_id, "shard": shard, "worker": worker, "heartbeat_at": func.now()}],
+               keys=("job_id", "shard"))
+    mine = (ShardLease.job_id == job_id, ShardLease.shard == shard, ShardLease.worker == worker)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(heartbeat_s):
+            try:
+                with session_scope(factory) as session:
+                    session.execute(update(ShardLease).where(*mine).values(heartbeat_at=func.now())
+                                    .execution_options(synchronize_session=False))
+            except Exception:  # a database blip: the next beat may pass; a long outage lets the shard be resent
+                log.warning("job %d shard %d: could not stamp the shard's lease", job_id, shard, exc_info=True)
+
+    beating = threading.Thread(target=beat, name=f"lease-{job_id}-{shard}", daemon=True)
+    beating.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beating.join()
+        try:
+            with session_scope(factory) as session:
+                session.execute(delete(ShardLease).where(*mine).execution_options(synchronize_session=False))
+        except Exception:  # left behind: the shard is sent once more, and a complete one is not scored again
+            log.warning("job %d shard %d: could not drop the shard's lease", job_id, shard, exc_info=True)
+
+
+def resend_abandoned_shards(factory: sessionmaker[Session], grace_s: float) -> list[tuple[int, int]]:
+    """Shards whose lease went `grace_s` without a heartbeat (their worker died mid-shard) and
+    that still miss rows. Each stale lease is dropped by one sweeper only (compare-and-delete
+    on its stamp), so each abandoned shard is sent again once; the caller sends them."""
+    resend = []
+    with session_scope(factory) as session:
+        cutoff = database_cutoff(session, grace_s)
+        stale = session.execute(
+            select(ShardLease.job_id, ShardLease.shard, ShardLease.worker).where(ShardLease.heartbeat_at < cutoff)
+        ).all()
+        for job_id, shard, worker in stale:
+            dropped = session.execute(  # on the condition, not the stamp read (see resend_missing_shards)
+                delete(ShardLease).where(ShardLease.job_id == job_id, ShardLease.shard == shard,
+                                         ShardLease.heartbeat_at < cutoff)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            job = session.get(ScoringJob, job_id)
+            if not dropped or job is None or job.status is JobStatus.DONE:
+                continue
+            written = session.scalar(select(func.count()).select_from(Prediction)
+                                     .where(Prediction.job_id == job_id, Prediction.shard == shard))
+            if written < len(job.shards[shard]):
+                log.warning("job %d shard %d: its worker %s went silent mid-shard; sent again", job_id, shard, worker)
+                resend.append((job_id, shard))
     return resend
 
 

@@ -1,5 +1,5 @@
-"""Fault tests: a worker process group killed with SIGKILL in the middle of an epoch, a worker
-told to stop in the middle of one, a Redis restart."""
+"""Fault tests: a worker process group killed with SIGKILL in the middle of an epoch or of a
+scoring shard, a worker told to stop in the middle of an epoch, a Redis restart."""
 
 import os
 import signal
@@ -81,6 +81,47 @@ def test_a_worker_told_to_stop_hands_its_run_back_at_once(whom, factory, produce
     assert f"run {run_id} handed back at shutdown" in first.log()
     # no wait for a lease to go stale: the handed-back run's message is already queued
     _finished_by_a_new_worker(factory, cluster_env, tmp_path, run_id, load_checkpoint(last)["epoch"], 6)
+
+
+def test_a_worker_killed_mid_shard_has_its_shard_scored_by_another_within_the_grace(factory, producer, cluster_env,
+                                                                                    tmp_path, monkeypatch):
+    from sqlalchemy import select
+
+    from realfake.runs import train_run
+    from realfake.scoring import create_scoring_job, rows_written
+    from realfake.store import JobStatus, Prediction, ShardLease
+
+    env = cluster_env | {"REALFAKE_RESEND_AFTER_S": "600"}  # in time only if the shard's lease brings it back
+    data = make_synthetic(tmp_path / "data", per_class=40, size=64, seed=5)
+    run_id = new_run(factory, data, config(epochs=1))
+    monkeypatch.setenv("TORCH_HOME", env["TORCH_HOME"])
+    train_run(factory, run_id, Path(env["REALFAKE_ARTIFACTS"]))
+    folder = make_synthetic(tmp_path / "score", per_class=400, size=96, seed=6)
+    with session_scope(factory) as session:  # one shard, long enough to kill its worker in the middle
+        job_id = create_scoring_job(session, run_id, folder, batch_size=8, shard_size=800).id
+
+    doomed = WorkerProcess(env, "doomed@test", tmp_path, queues="score").wait_ready()
+    producer.send_task("score_batch", args=[job_id, 0], queue="score")
+
+    def leased_by():
+        with session_scope(factory) as session:
+            lease = session.get(ShardLease, (job_id, 0))
+            return lease and lease.worker
+
+    assert wait_for(leased_by, 120, interval=0.05, what="the shard's lease") == "doomed@test"
+    doomed.kill()
+    with session_scope(factory) as session:
+        assert rows_written(session, job_id) == 0  # killed in the middle: nothing of the shard written
+    rescuer = WorkerProcess(env, "rescuer@test", tmp_path, queues="score").wait_ready()
+    try:
+        wait_for(lambda: _job_status(factory, job_id) is JobStatus.DONE, 180, what="the shard to be scored again")
+    finally:
+        rescuer.stop()
+    with session_scope(factory) as session:
+        paths = session.scalars(select(Prediction.path).where(Prediction.job_id == job_id)).all()
+        assert session.get(ShardLease, (job_id, 0)) is None
+    assert len(paths) == len(set(paths)) == 800
+    assert "went silent mid-shard; sent again" in rescuer.log()
 
 
 class OwnRedis:

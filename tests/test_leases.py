@@ -251,3 +251,50 @@ def test_a_run_sent_again_is_sent_again_after_another_period(factory, run_id):
     time.sleep(3.5)
     assert resend_waiting_runs(factory, after_s=2) == [run_id]
 
+
+def _scoring_job(factory, run_id, shards) -> int:
+    from realfake.store import JobStatus, ScoringJob
+
+    with session_scope(factory) as session:
+        job = ScoringJob(run_id=run_id, folder="/faces", n_files=sum(map(len, shards)), n_shards=len(shards),
+                         shards=shards, status=JobStatus.RUNNING)
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def test_a_shard_lease_is_stamped_while_held_and_dropped_after(factory, run_id):
+    from realfake.scoring import resend_abandoned_shards, shard_lease
+    from realfake.store import ShardLease
+
+    job_id = _scoring_job(factory, run_id, [["a.jpg", "b.jpg"]])
+    with pytest.raises(RuntimeError):
+        with shard_lease(factory, job_id, 0, "w1", heartbeat_s=0.2):
+            time.sleep(4.5)  # longer than the grace below: only the stamps keep the lease fresh
+            assert resend_abandoned_shards(factory, grace_s=3) == []
+            with session_scope(factory) as session:
+                assert session.get(ShardLease, (job_id, 0)).worker == "w1"
+            raise RuntimeError("a shard that fails drops its lease too: only a dead worker leaves one")
+    with session_scope(factory) as session:
+        assert session.get(ShardLease, (job_id, 0)) is None
+
+
+def test_a_shard_whose_worker_went_silent_is_sent_again_once(factory, run_id):
+    from realfake.scoring import resend_abandoned_shards
+    from realfake.store import JobStatus, Prediction, ScoringJob, ShardLease
+
+    job_id = _scoring_job(factory, run_id, [["a.jpg", "b.jpg"], ["c.jpg"], ["d.jpg"]])
+    done_id = _scoring_job(factory, run_id, [["e.jpg"]])
+    with session_scope(factory) as session:  # workers that died mid-shard, stamped by the database's clock
+        session.add_all([ShardLease(job_id=job_id, shard=0, worker="dead"), ShardLease(job_id=job_id, shard=1, worker="dead"),
+                         ShardLease(job_id=done_id, shard=0, worker="dead")])
+        session.add(Prediction(job_id=job_id, shard=1, path="c.jpg", p_fake=0.9, label="fake"))  # complete, not marked
+        session.get(ScoringJob, done_id).status = JobStatus.DONE
+    assert resend_abandoned_shards(factory, grace_s=2) == []  # within the grace
+    time.sleep(3.5)
+    with session_scope(factory) as session:  # shard 2 is scored by a live worker
+        session.add(ShardLease(job_id=job_id, shard=2, worker="alive"))
+    assert resend_abandoned_shards(factory, grace_s=2) == [(job_id, 0)]  # shard 1 has its rows; done_id is done
+    assert resend_abandoned_shards(factory, grace_s=2) == []  # once: the stale leases are gone
+    with session_scope(factory) as session:
+        assert [(lease.job_id, lease.shard) for lease in session.query(ShardLease)] == [(job_id, 2)]

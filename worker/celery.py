@@ -121,7 +121,9 @@ class StaleRunSweeper(threading.Thread):
     resumes from the last checkpoint. A message delivered to a worker just as the broker
     went down can be left unacknowledged in the broker until its visibility timeout (days):
     runs still unclaimed and scoring jobs with missing rows and no progress for
-    `REALFAKE_RESEND_AFTER_S` get their messages once more.
+    `REALFAKE_RESEND_AFTER_S` get their messages once more. A shard whose worker died while
+    scoring it (its lease in SQL without a heartbeat for `REALFAKE_LEASE_GRACE_S`) is sent
+    again then, not after the job's stall.
     """
 
     def __init__(self, celery: Celery, interval_s: float):
@@ -131,7 +133,7 @@ class StaleRunSweeper(threading.Thread):
 
     def run(self) -> None:
         from realfake.runs import requeue_stale_runs, resend_waiting_runs
-        from realfake.scoring import resend_missing_shards
+        from realfake.scoring import resend_abandoned_shards, resend_missing_shards
         from realfake.store import make_engine, migrate, session_factory
 
         settings: Settings = self.celery.realfake_settings
@@ -146,7 +148,9 @@ class StaleRunSweeper(threading.Thread):
                 runs = requeue_stale_runs(factory, settings.lease_grace_s)
                 runs += resend_waiting_runs(factory, settings.resend_after_s)
                 enqueue_runs(self.celery, runs)
-                enqueue_shards(self.celery, resend_missing_shards(factory, settings.resend_after_s))
+                shards = resend_abandoned_shards(factory, settings.lease_grace_s)
+                shards += resend_missing_shards(factory, settings.resend_after_s)
+                enqueue_shards(self.celery, dict.fromkeys(shards))  # a shard on both lists sent once
             except Exception:  # the database or broker is down: try again later
                 log.exception("stale-run sweep failed")
             if self.stopped.wait(self.interval_s):

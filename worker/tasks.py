@@ -44,10 +44,12 @@ def train_run(self, run_id: int) -> str:
     return "not claimed" if result is None else result.outcome
 
 
-@app.task(name="score_batch")
-def score_batch(job_id: int, shard: int) -> int:
-    """Score one shard of scoring job `job_id`: one prediction row per file."""
-    return score_shard(_factory(), job_id, shard, _settings().data_roots, _models)
+@app.task(name="score_batch", bind=True)
+def score_batch(self, job_id: int, shard: int) -> int:
+    """Score one shard of scoring job `job_id`: one prediction row per file, under a lease on the shard."""
+    settings = _settings()
+    return score_shard(_factory(), job_id, shard, settings.data_roots, _models,
+                       worker=self.request.hostname or "worker", heartbeat_s=settings.heartbeat_s)
 
 
 @app.task(name="ping")

@@ -9,6 +9,7 @@ from realfake.store.models import (
     RungValue,
     RunStatus,
     ScoringJob,
+    ShardLease,
     Sweep,
 )
 from realfake.store.session import (
@@ -29,6 +30,7 @@ __all__ = [
     "RunStatus",
     "RungValue",
     "ScoringJob",
+    "ShardLease",
     "database_cutoff",
     "Sweep",
     "make_engine",

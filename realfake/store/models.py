@@ -166,6 +166,20 @@ class ScoringJob(Base):
     progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class ShardLease(Base):
+    """A shard being scored: the worker stamps `heartbeat_at` while it works and deletes the row
+    with the shard's rows. A row whose stamp has gone stale is a worker lost mid-shard: any
+    worker's sweeper sends the shard again after REALFAKE_LEASE_GRACE_S, not after the
+    whole job has stalled for REALFAKE_RESEND_AFTER_S."""
+
+    __tablename__ = "shard_leases"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("scoring_jobs.id", ondelete="CASCADE"), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker: Mapped[str] = mapped_column(Text)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class Prediction(Base):
     __tablename__ = "predictions"
     __table_args__ = (UniqueConstraint("job_id", "path"),)
