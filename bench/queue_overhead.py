@@ -53,7 +53,8 @@ def dispatch_latencies(celery, count: int) -> list[float]:
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
-    ready.wait(10)
+    if not ready.wait(10):
+        raise TimeoutError("the event listener did not connect to the broker within 10 s")
     time.sleep(1.0)
     ids = []
     for _ in range(count):
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--poll-s", type=float, nargs="+", default=[0.1], help="filesystem broker only")
     args = parser.parse_args()
     filesystem = args.broker_url.startswith("filesystem:")
+    if not filesystem and args.poll_s != parser.get_default("poll_s"):
+        parser.error("--poll-s is for the filesystem broker only: Redis hands messages over at once")
     if not filesystem:
         import redis
 

@@ -293,4 +293,6 @@ class Settings:
                                 f"(REALFAKE_HEARTBEAT_S, {heartbeat_s:g} s), or a live worker's runs would be taken over")
         resend_s = seconds("REALFAKE_RESEND_AFTER_S", 900)
         poll_s = seconds("REALFAKE_BROKER_POLL_S", 0.1)
+        if poll_s < 0.01:  # an idle worker would spin on the queue folder
+            raise SettingsError(f"REALFAKE_BROKER_POLL_S={poll_s:g}: expected at least 0.01 s")
         return cls(home, database_url, broker_url, artifacts, roots, heartbeat_s, grace_s, resend_s, precision, poll_s)

@@ -103,13 +103,17 @@ def create_scoring_job(
     return job
 
 
-def resend_missing_shards(factory: sessionmaker[Session], after_s: float) -> list[tuple[int, int]]:
+def resend_missing_shards(
+    factory: sessionmaker[Session], after_s: float, lease_grace_s: float | None = None
+) -> list[tuple[int, int]]:
     """Shards of unfinished jobs that made no progress for `after_s` and still miss rows:
     their messages may have been lost (delivered as the broker went down). The caller sends
-    them again, at most once per `after_s` per job; a duplicate only upserts the same rows."""
+    them again, at most once per `after_s` per job; a duplicate only upserts the same rows.
+    A shard whose lease was stamped within `lease_grace_s` is being scored: not sent."""
     resend = []
     with session_scope(factory) as session:
         cutoff = database_cutoff(session, after_s)
+        lease_cutoff = None if lease_grace_s is None else database_cutoff(session, lease_grace_s)
         last = func.coalesce(ScoringJob.progress_at, ScoringJob.created_at)
         stalled = session.scalars(
             select(ScoringJob.id).where(ScoringJob.status != JobStatus.DONE, last < cutoff)
@@ -127,7 +131,11 @@ def resend_missing_shards(factory: sessionmaker[Session], after_s: float) -> lis
             written = dict(session.execute(
                 select(Prediction.shard, func.count()).where(Prediction.job_id == job_id).group_by(Prediction.shard)
             ).all())
-            resend += [(job_id, i) for i, files in enumerate(job.shards) if written.get(i, 0) < len(files)]
+            scoring = set() if lease_cutoff is None else set(session.scalars(
+                select(ShardLease.shard).where(ShardLease.job_id == job_id, ShardLease.heartbeat_at >= lease_cutoff)
+            ))
+            resend += [(job_id, i) for i, files in enumerate(job.shards)
+                       if written.get(i, 0) < len(files) and i not in scoring]
     return resend
 
 
@@ -146,10 +154,14 @@ def shard_lease(factory: sessionmaker[Session], job_id: int, shard: int, worker:
         while not stop.wait(heartbeat_s):
             try:
                 with session_scope(factory) as session:
-                    session.execute(update(ShardLease).where(*mine).values(heartbeat_at=func.now())
-                                    .execution_options(synchronize_session=False))
+                    stamped = session.execute(update(ShardLease).where(*mine).values(heartbeat_at=func.now())
+                                              .execution_options(synchronize_session=False)).rowcount
             except Exception:  # a database blip: the next beat may pass; a long outage lets the shard be resent
                 log.warning("job %d shard %d: could not stamp the shard's lease", job_id, shard, exc_info=True)
+                continue
+            if not stamped:  # a sweeper judged it stale, or a copy of the shard took it: the rows are upserted alike
+                log.warning("job %d shard %d: the shard's lease is no longer %s's; scoring on", job_id, shard, worker)
+                return
 
     beating = threading.Thread(target=beat, name=f"lease-{job_id}-{shard}", daemon=True)
     beating.start()
@@ -157,7 +169,7 @@ def shard_lease(factory: sessionmaker[Session], job_id: int, shard: int, worker:
         yield
     finally:
         stop.set()
-        beating.join()
+        beating.join(timeout=5)  # a beat stuck on the database must not hold the task; the thread is a daemon
         try:
             with session_scope(factory) as session:
                 session.execute(delete(ShardLease).where(*mine).execution_options(synchronize_session=False))
@@ -168,7 +180,8 @@ def shard_lease(factory: sessionmaker[Session], job_id: int, shard: int, worker:
 def resend_abandoned_shards(factory: sessionmaker[Session], grace_s: float) -> list[tuple[int, int]]:
     """Shards whose lease went `grace_s` without a heartbeat (their worker died mid-shard) and
     that still miss rows. Each stale lease is dropped by one sweeper only (compare-and-delete
-    on its stamp), so each abandoned shard is sent again once; the caller sends them."""
+    on the staleness), so each abandoned shard is sent again once; the caller sends them. A
+    job whose last shard was written by a worker that died before marking it is marked done."""
     resend = []
     with session_scope(factory) as session:
         cutoff = database_cutoff(session, grace_s)
@@ -189,6 +202,8 @@ def resend_abandoned_shards(factory: sessionmaker[Session], grace_s: float) -> l
             if written < len(job.shards[shard]):
                 log.warning("job %d shard %d: its worker %s went silent mid-shard; sent again", job_id, shard, worker)
                 resend.append((job_id, shard))
+            elif rows_written(session, job_id) >= job.n_files:  # it died after the last rows, before marking
+                job.status, job.finished_at = JobStatus.DONE, func.now()
     return resend
 
 

@@ -285,7 +285,7 @@ def test_a_down_database_writes_nothing_and_sends_nothing(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("variable, value", [("REALFAKE_SCORE_PRECISION", "fp16"), ("REALFAKE_HEARTBEAT_S", "10s"),
                                              ("REALFAKE_LEASE_GRACE_S", "0"), ("REALFAKE_LEASE_GRACE_S", "20"),
-                                             ("REALFAKE_BROKER_POLL_S", "-1")])
+                                             ("REALFAKE_BROKER_POLL_S", "0.001")])
 def test_an_unusable_setting_is_named_before_anything_starts(tmp_path, variable, value):
     env = {k: v for k, v in os.environ.items() if not k.startswith("REALFAKE_")} | {
         "REALFAKE_HOME": str(tmp_path / ".realfake"), "PYTHONPATH": str(REPO), variable: value}

@@ -247,7 +247,7 @@ def test_a_run_sent_again_is_sent_again_after_another_period(factory, run_id):
         long_ago = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=2)
         session.execute(update(Run).where(Run.id == run_id).values(created_at=long_ago))
     assert resend_waiting_runs(factory, after_s=2) == [run_id]
-    assert resend_waiting_runs(factory, after_s=2) == []
+    assert resend_waiting_runs(factory, after_s=30) == []  # 30, not 2: SQLite's stamps are whole seconds
     time.sleep(3.5)
     assert resend_waiting_runs(factory, after_s=2) == [run_id]
 
@@ -285,12 +285,15 @@ def test_a_shard_whose_worker_went_silent_is_sent_again_once(factory, run_id):
 
     job_id = _scoring_job(factory, run_id, [["a.jpg", "b.jpg"], ["c.jpg"], ["d.jpg"]])
     done_id = _scoring_job(factory, run_id, [["e.jpg"]])
+    unmarked_id = _scoring_job(factory, run_id, [["f.jpg"]])
     with session_scope(factory) as session:  # workers that died mid-shard, stamped by the database's clock
         session.add_all([ShardLease(job_id=job_id, shard=0, worker="dead"), ShardLease(job_id=job_id, shard=1, worker="dead"),
-                         ShardLease(job_id=done_id, shard=0, worker="dead")])
-        session.add(Prediction(job_id=job_id, shard=1, path="c.jpg", p_fake=0.9, label="fake"))  # complete, not marked
+                         ShardLease(job_id=done_id, shard=0, worker="dead"), ShardLease(job_id=unmarked_id, shard=0, worker="dead")])
+        session.add(Prediction(job_id=job_id, shard=1, path="c.jpg", p_fake=0.9, label="fake"))  # complete shard
+        # its worker died after the job's last rows, before marking the job done
+        session.add(Prediction(job_id=unmarked_id, shard=0, path="f.jpg", p_fake=0.1, label="real"))
         session.get(ScoringJob, done_id).status = JobStatus.DONE
-    assert resend_abandoned_shards(factory, grace_s=2) == []  # within the grace
+    assert resend_abandoned_shards(factory, grace_s=30) == []  # within the grace
     time.sleep(3.5)
     with session_scope(factory) as session:  # shard 2 is scored by a live worker
         session.add(ShardLease(job_id=job_id, shard=2, worker="alive"))
@@ -298,3 +301,18 @@ def test_a_shard_whose_worker_went_silent_is_sent_again_once(factory, run_id):
     assert resend_abandoned_shards(factory, grace_s=2) == []  # once: the stale leases are gone
     with session_scope(factory) as session:
         assert [(lease.job_id, lease.shard) for lease in session.query(ShardLease)] == [(job_id, 2)]
+        assert session.get(ScoringJob, unmarked_id).status is JobStatus.DONE
+        assert session.get(ScoringJob, job_id).status is JobStatus.RUNNING
+
+
+def test_a_stalled_job_is_sent_again_without_the_shards_being_scored(factory, run_id):
+    from datetime import datetime, timedelta, timezone
+
+    from realfake.scoring import resend_missing_shards
+    from realfake.store import ScoringJob, ShardLease
+
+    job_id = _scoring_job(factory, run_id, [["a.jpg"], ["b.jpg"], ["c.jpg"]])
+    with session_scope(factory) as session:
+        session.get(ScoringJob, job_id).created_at = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=2)
+        session.add(ShardLease(job_id=job_id, shard=1, worker="alive"))  # a slow shard, stamped just now
+    assert resend_missing_shards(factory, after_s=3600, lease_grace_s=60) == [(job_id, 0), (job_id, 2)]

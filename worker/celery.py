@@ -149,7 +149,7 @@ class StaleRunSweeper(threading.Thread):
                 runs += resend_waiting_runs(factory, settings.resend_after_s)
                 enqueue_runs(self.celery, runs)
                 shards = resend_abandoned_shards(factory, settings.lease_grace_s)
-                shards += resend_missing_shards(factory, settings.resend_after_s)
+                shards += resend_missing_shards(factory, settings.resend_after_s, settings.lease_grace_s)
                 enqueue_shards(self.celery, dict.fromkeys(shards))  # a shard on both lists sent once
             except Exception:  # the database or broker is down: try again later
                 log.exception("stale-run sweep failed")
