@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from sqlalchemy import func, select, update
+from sqlalchemy import func, update
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
@@ -29,7 +29,12 @@ from realfake.data import (
 )
 from realfake.models import build_model, fold_batchnorm, mean_fake_probability
 from realfake.samples import ensure_inside
-from realfake.scoring import model_checkpoint, rows_written, shard_lease
+from realfake.scoring import (
+    mark_done_if_complete,
+    model_checkpoint,
+    shard_lease,
+    shard_rows_written,
+)
 from realfake.store import (
     JobStatus,
     Prediction,
@@ -117,13 +122,7 @@ def _mark_done_if_complete(factory: sessionmaker[Session], job_id: int) -> None:
     # Counted after the rows' commit, in a transaction of its own: when the last shards finish
     # at once, each sees the others' committed rows, so the last to commit marks the job done.
     with session_scope(factory) as session:
-        done = rows_written(session, job_id)
-        session.execute(
-            update(ScoringJob)
-            .where(ScoringJob.id == job_id, ScoringJob.n_files <= done, ScoringJob.status != JobStatus.DONE)
-            .values(status=JobStatus.DONE, finished_at=func.now())
-            .execution_options(synchronize_session=False)
-        )
+        mark_done_if_complete(session, job_id)
 
 
 def _score_files(job_id, shard, files, folder, batch_size, tta, threshold, checkpoints, roots, cache, threads,
@@ -186,7 +185,7 @@ def score_shard(
     heartbeat_s: float = 10.0,
 ) -> int:
     """Score one shard of a job; returns the number of rows written. While it scores, `worker`
-    (default: this host and process) holds the shard's lease, stamped every `heartbeat_s`.
+    (default: this host) and this process hold the shard's lease, stamped every `heartbeat_s`.
 
     `device_decode`: decode JPEGs on the model's device (batched nvJPEG on CUDA). Off by
     default on every device: on an H200 with 16 cores, ResNet50 scored 233 faces a second
@@ -201,9 +200,7 @@ def score_shard(
             raise LookupError(f"scoring job {job_id} has no shard {shard}")
         files, folder, batch_size = job.shards[shard], Path(job.folder), job.batch_size
         tta, threshold = job.tta, job.threshold
-        written = session.scalar(select(func.count()).select_from(Prediction)
-                                 .where(Prediction.job_id == job_id, Prediction.shard == shard))
-        scored_already = written == len(files)
+        scored_already = shard_rows_written(session, job_id, shard) == len(files)
         if not scored_already:
             checkpoints = [model_checkpoint(session.get(Run, run_id)) for run_id in job.run_ids or [job.run_id]]
             if job.status is JobStatus.WAITING:
@@ -211,7 +208,7 @@ def score_shard(
     if scored_already:  # a resent or twice-delivered shard: nothing to score again, but the job may still
         _mark_done_if_complete(factory, job_id)  # wait for the mark its first delivery did not live to make
         return 0
-    with shard_lease(factory, job_id, shard, worker or f"{socket.gethostname()}:{os.getpid()}", heartbeat_s):
+    with shard_lease(factory, job_id, shard, f"{worker or socket.gethostname()}:{os.getpid()}", heartbeat_s):
         rows = _score_files(job_id, shard, files, folder, batch_size, tta, threshold, checkpoints, roots, cache,
                             threads, device_decode)
         with session_scope(factory) as session:

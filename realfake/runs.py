@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from realfake.samples import (
 )
 from realfake.store import (
     EpochMetric,
+    LeaseHeartbeat,
     Run,
     RunStatus,
     Sweep,
@@ -316,32 +316,13 @@ def finish_run(
         )
 
 
-class Heartbeat(threading.Thread):
-    """Stamps the lease every `interval_s`; notices when the lease was taken away."""
+class Heartbeat(LeaseHeartbeat):
+    """Stamps the run's lease every `interval_s`; notices when the lease was taken away."""
 
     def __init__(self, factory: sessionmaker[Session], lease: Lease, interval_s: float):
-        super().__init__(name=f"heartbeat-run-{lease.run_id}", daemon=True)
-        self.factory, self.lease, self.interval_s = factory, lease, interval_s
-        self.lost = threading.Event()
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval_s):
-            try:
-                with session_scope(self.factory) as session:
-                    beat = session.execute(
-                        update(Run).where(_held_by(self.lease)).values(heartbeat_at=func.now())
-                        .execution_options(synchronize_session=False)
-                    ).rowcount
-            except Exception:  # a database blip: try again at the next beat
-                log.exception("heartbeat of run %d failed", self.lease.run_id)
-                continue
-            if not beat:
-                self.lost.set()
-                return
-
-    def stop(self) -> None:
-        self._stop_event.set()
+        stamp = update(Run).where(_held_by(lease)).values(heartbeat_at=func.now())
+        super().__init__(factory, stamp, interval_s, name=f"heartbeat of run {lease.run_id}")
+        self.lease = lease
 
 
 class SqlHooks(TrainHooks):

@@ -7,7 +7,6 @@ Nothing here loads torch: the scheduler creates jobs and follows their progress 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ from realfake.errors import RunNotFound, ScoringError
 from realfake.samples import IMAGE_SUFFIXES, ensure_inside
 from realfake.store import (
     JobStatus,
+    LeaseHeartbeat,
     Prediction,
     Run,
     ScoringJob,
@@ -148,28 +148,16 @@ def shard_lease(factory: sessionmaker[Session], job_id: int, shard: int, worker:
         upsert(session, ShardLease, [{"job_id": job_id, "shard": shard, "worker": worker, "heartbeat_at": func.now()}],
                keys=("job_id", "shard"))
     mine = (ShardLease.job_id == job_id, ShardLease.shard == shard, ShardLease.worker == worker)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(heartbeat_s):
-            try:
-                with session_scope(factory) as session:
-                    stamped = session.execute(update(ShardLease).where(*mine).values(heartbeat_at=func.now())
-                                              .execution_options(synchronize_session=False)).rowcount
-            except Exception:  # a database blip: the next beat may pass; a long outage lets the shard be resent
-                log.warning("job %d shard %d: could not stamp the shard's lease", job_id, shard, exc_info=True)
-                continue
-            if not stamped:  # a sweeper judged it stale, or a copy of the shard took it: the rows are upserted alike
-                log.warning("job %d shard %d: the shard's lease is no longer %s's; scoring on", job_id, shard, worker)
-                return
-
-    beating = threading.Thread(target=beat, name=f"lease-{job_id}-{shard}", daemon=True)
+    stamp = update(ShardLease).where(*mine).values(heartbeat_at=func.now())
+    beating = LeaseHeartbeat(factory, stamp, heartbeat_s, name=f"lease of job {job_id} shard {shard}")
     beating.start()
     try:
         yield
     finally:
-        stop.set()
+        beating.stop()
         beating.join(timeout=5)  # a beat stuck on the database must not hold the task; the thread is a daemon
+        if beating.lost.is_set():  # a sweeper judged it stale, or a copy of the shard took it: the rows are upserted alike
+            log.warning("job %d shard %d: the shard's lease was no longer %s's while it scored", job_id, shard, worker)
         try:
             with session_scope(factory) as session:
                 session.execute(delete(ShardLease).where(*mine).execution_options(synchronize_session=False))
@@ -197,13 +185,11 @@ def resend_abandoned_shards(factory: sessionmaker[Session], grace_s: float) -> l
             job = session.get(ScoringJob, job_id)
             if not dropped or job is None or job.status is JobStatus.DONE:
                 continue
-            written = session.scalar(select(func.count()).select_from(Prediction)
-                                     .where(Prediction.job_id == job_id, Prediction.shard == shard))
-            if written < len(job.shards[shard]):
+            if shard_rows_written(session, job_id, shard) < len(job.shards[shard]):
                 log.warning("job %d shard %d: its worker %s went silent mid-shard; sent again", job_id, shard, worker)
                 resend.append((job_id, shard))
-            elif rows_written(session, job_id) >= job.n_files:  # it died after the last rows, before marking
-                job.status, job.finished_at = JobStatus.DONE, func.now()
+            else:  # it may have died after the job's last rows, before marking it
+                mark_done_if_complete(session, job_id)
     return resend
 
 
@@ -217,3 +203,19 @@ def job_progress(session: Session, job_id: int) -> tuple[int, int]:
 
 def rows_written(session: Session, job_id: int) -> int:
     return session.scalar(select(func.count()).select_from(Prediction).where(Prediction.job_id == job_id))
+
+
+def shard_rows_written(session: Session, job_id: int, shard: int) -> int:
+    return session.scalar(select(func.count()).select_from(Prediction)
+                          .where(Prediction.job_id == job_id, Prediction.shard == shard))
+
+
+def mark_done_if_complete(session: Session, job_id: int) -> None:
+    """The job done once every file has its row (a no-op if it already is)."""
+    session.execute(
+        update(ScoringJob)
+        .where(ScoringJob.id == job_id, ScoringJob.n_files <= rows_written(session, job_id),
+               ScoringJob.status != JobStatus.DONE)
+        .values(status=JobStatus.DONE, finished_at=func.now())
+        .execution_options(synchronize_session=False)
+    )

@@ -49,7 +49,7 @@ def score_batch(self, job_id: int, shard: int) -> int:
     """Score one shard of scoring job `job_id`: one prediction row per file, under a lease on the shard."""
     settings = _settings()
     return score_shard(_factory(), job_id, shard, settings.data_roots, _models,
-                       worker=f"{self.request.hostname or 'worker'}:{os.getpid()}", heartbeat_s=settings.heartbeat_s)
+                       worker=self.request.hostname, heartbeat_s=settings.heartbeat_s)
 
 
 @app.task(name="ping")

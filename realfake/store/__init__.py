@@ -13,6 +13,7 @@ from realfake.store.models import (
     Sweep,
 )
 from realfake.store.session import (
+    LeaseHeartbeat,
     database_cutoff,
     make_engine,
     migrate,
@@ -25,6 +26,7 @@ __all__ = [
     "Base",
     "EpochMetric",
     "JobStatus",
+    "LeaseHeartbeat",
     "Prediction",
     "Run",
     "RunStatus",

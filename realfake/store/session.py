@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fcntl
+import logging
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -10,7 +12,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy import Engine, Update, create_engine, event, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -116,3 +118,29 @@ def upsert(session: Session, model: type, rows: Sequence[dict], keys: Sequence[s
     statement = insert(model).values(list(rows))
     updates = {c: statement.excluded[c] for c in rows[0] if c not in keys}
     session.execute(statement.on_conflict_do_update(index_elements=list(keys), set_=updates))
+
+
+class LeaseHeartbeat(threading.Thread):
+    """Runs `stamp`, an UPDATE of one lease's heartbeat, every `interval_s`; when it matches no
+    row the lease was taken away: `lost` is set and the beating ends."""
+
+    def __init__(self, factory: sessionmaker[Session], stamp: Update, interval_s: float, name: str):
+        super().__init__(name=name, daemon=True)
+        self.factory, self.stamp, self.interval_s = factory, stamp.execution_options(synchronize_session=False), interval_s
+        self.lost = threading.Event()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            try:
+                with session_scope(self.factory) as session:
+                    beat = session.execute(self.stamp).rowcount
+            except Exception:  # a database blip: try again at the next beat
+                logging.getLogger(__name__).exception("%s failed", self.name)
+                continue
+            if not beat:
+                self.lost.set()
+                return
+
+    def stop(self) -> None:
+        self._stop_event.set()
