@@ -46,6 +46,12 @@ class TrainConfig(BaseModel):
         "generalised mean with a learnt exponent, between average and max pooling"
     )
 
+    noise_residual: bool = Field(
+        False, description="mobilenet_v2: a second input stream, the image's SRM high-pass noise residual "
+        "through two trainable convolutions, added where the fourth stage's output enters the fifth "
+        "(past best.yaml's frozen stages); it starts at zero, so training starts from the pretrained model"
+    )
+
     # input and augmentation
     resize: int = Field(256, ge=8, description="images are resized to this square first (600: the real faces' own size)")
     image_size: int = Field(224, ge=8, description="random training crop, and the centre crop judged")
@@ -153,6 +159,8 @@ class TrainConfig(BaseModel):
         if self.pool == "gem" and self.backbone not in ("resnet18", "resnet34", "resnet50", "mobilenet_v2"):
             raise ValueError(f"pool gem needs features that end in a ReLU (resnet18/34/50, mobilenet_v2); "
                              f"{self.backbone}'s can be negative")
+        if self.noise_residual and self.backbone != "mobilenet_v2":
+            raise ValueError(f"noise_residual is built for mobilenet_v2, not {self.backbone}")
         if self.splice_p > 0 and self.region_weight > 0:
             raise ValueError("splice_p and region_weight exclude each other: a synthetic fake's "
                              "file name does not say which regions were pasted")

@@ -75,6 +75,61 @@ class GeMPool(nn.Module):
         return x.float().clamp(min=self.eps).pow(p).mean(dim=(-2, -1), keepdim=True).pow(1.0 / p)
 
 
+def _srm_kernels() -> torch.Tensor:
+    """Three high-pass SRM kernels (Fridrich & Kodovsky 2012), the set Zhou et al. (2018) used
+    to find spliced regions: each sums to 0, so a face's smooth content cancels and what is left
+    is sensor noise and JPEG traces, which differ where an eye or mouth came from another photo."""
+    second = torch.tensor([[0, 0, 0, 0, 0], [0, -1, 2, -1, 0], [0, 2, -4, 2, 0],
+                           [0, -1, 2, -1, 0], [0, 0, 0, 0, 0]]) / 4.0
+    square = torch.tensor([[-1, 2, -2, 2, -1], [2, -6, 8, -6, 2], [-2, 8, -12, 8, -2],
+                           [2, -6, 8, -6, 2], [-1, 2, -2, 2, -1]]) / 12.0
+    line = torch.zeros(5, 5)
+    line[2, 1:4] = torch.tensor([1.0, -2.0, 1.0])
+    return torch.stack([second, square, line]).float()
+
+
+class NoiseResidualFeatures(nn.Module):
+    """A backbone's feature stages with a second input stream: the image's SRM noise residual
+    (each kernel on each colour channel, in 0-255 grey levels, truncated at +-`truncate` and
+    scaled to [-1, 1]) through two trainable strided convolutions, added to the feature map
+    that enters stage `join`. The last convolution starts at zero, so training starts from the
+    pretrained model exactly; the stream bypasses the frozen leading stages, whose ImageNet
+    filters were not made for noise. Inputs are ImageNet-normalised images."""
+
+    def __init__(self, features: nn.Sequential, join: int, channels: int, stride: int, truncate: float = 3.0):
+        super().__init__()
+        if stride not in (2, 4, 8):
+            raise ValueError(f"the noise stream reaches strides 2, 4 or 8, not {stride}")
+        self.features, self.join, self.truncate = features, join, truncate
+        kernels = _srm_kernels().repeat(3, 1, 1).unsqueeze(1)  # (9, 1, 5, 5): 3 kernels per colour, grouped
+        # one grey level of each normalised channel: the residuals in 0-255 units whatever the normalisation
+        levels = torch.tensor([255.0 * s for s in (0.229, 0.224, 0.225)]).repeat_interleave(3)
+        self.register_buffer("srm", kernels * levels.view(9, 1, 1, 1), persistent=False)
+        width = max(16, channels // 2)
+        layers: list[nn.Module] = []
+        in_channels = 9
+        for _ in range(stride.bit_length() - 2):  # all but the last stride-2 step
+            layers += [nn.Conv2d(in_channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            in_channels = width
+        layers.append(nn.Conv2d(in_channels, channels, 3, 2, 1, bias=False))
+        nn.init.zeros_(layers[-1].weight)
+        self.stream = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = nn.functional.conv2d(x, self.srm.to(x.dtype), padding=2, groups=3)
+        noise = self.stream(residual.clamp(-self.truncate, self.truncate) / self.truncate)
+        for index, stage in enumerate(self.features):
+            if index == self.join:
+                x = x + noise
+            x = stage(x)
+        return x
+
+
+# where the noise stream joins MobileNetV2: at the input of features[4], 24 channels at stride 4
+# (best.yaml freezes features[0:4])
+_NOISE_JOIN = {"mobilenet_v2": (4, 24, 4)}
+
+
 def _attach_pool(model: nn.Module, pool: str) -> None:
     """Put the configured pooling where the backbone pools its features."""
     if pool == "avg":
@@ -185,6 +240,8 @@ def build_model(config: TrainConfig) -> nn.Module:
         raise ValueError(f"freeze={config.freeze} but {config.backbone} has {len(stages)} stages")
     for stage in stages[: config.freeze]:
         stage.requires_grad_(False)
+    if config.noise_residual:
+        model.features = NoiseResidualFeatures(model.features, *_NOISE_JOIN[config.backbone])
     return model
 
 

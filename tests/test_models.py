@@ -6,8 +6,14 @@ import torch
 from torch import nn
 
 from realfake.config import TrainConfig
+from realfake.data import IMAGENET_MEAN, IMAGENET_STD
 from realfake.errors import WeightsUnavailable
-from realfake.models import BACKBONES, build_model, fold_batchnorm
+from realfake.models import (
+    BACKBONES,
+    NoiseResidualFeatures,
+    build_model,
+    fold_batchnorm,
+)
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
@@ -157,6 +163,50 @@ def test_gem_pooling_lies_between_average_and_max_and_learns_its_exponent():
         pool.p.fill_(3.0)
     pool(x).sum().backward()
     assert pool.p.grad is not None and pool.p.grad != 0
+
+
+def test_the_noise_stream_starts_at_zero_learns_past_the_frozen_stages_and_survives_folding():
+    config = TrainConfig(backbone="mobilenet_v2", weights="none", freeze=4, noise_residual=True)
+    torch.manual_seed(0)
+    model = build_model(config)
+    torch.manual_seed(0)
+    plain = build_model(config.model_copy(update={"noise_residual": False}))
+    images = torch.randn(4, 3, 64, 64)
+    model.eval()
+    plain.eval()
+    with torch.inference_mode():
+        assert torch.equal(model(images), plain(images))  # the pretrained model, exactly, before training
+    frozen = {n: q.clone() for n, q in model.named_parameters() if not q.requires_grad}
+    assert {n.split(".")[2] for n in frozen} == {"0", "1", "2", "3"}  # features.features.N: the stages freeze counts
+    optimizer = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.1)
+    model.train()
+    for _ in range(2):  # the first step moves the zero-started convolution, the second the ones before it
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), torch.tensor([0, 1, 0, 1])).backward()
+        optimizer.step()
+    assert all(q.grad is not None and q.grad.abs().sum() > 0 for n, q in model.named_parameters() if "stream" in n)
+    assert all(torch.equal(q, frozen[n]) for n, q in model.named_parameters() if n in frozen)
+    model.eval()
+    with torch.inference_mode():
+        out = model(images)
+        assert not torch.allclose(out, plain(images))
+        assert torch.allclose(fold_batchnorm(model)(images), out, rtol=1e-4, atol=1e-5)
+    again = build_model(config)
+    again.load_state_dict(model.state_dict())  # a checkpoint loads into the model its config builds
+    with pytest.raises(ValueError, match="noise_residual is built for mobilenet_v2"):
+        TrainConfig(backbone="resnet18", noise_residual=True)
+
+
+def test_the_noise_residual_cancels_smooth_content_and_keeps_a_pasted_patch_edge():
+    stream = NoiseResidualFeatures(nn.Sequential(nn.Identity()), join=0, channels=8, stride=2)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(1, 3, 32, 32)  # a smooth gradient
+    residual = nn.functional.conv2d((ramp - mean) / std, stream.srm, padding=2, groups=3)
+    assert residual[..., 4:-4, 4:-4].abs().max() < 1e-3  # linear content cancels
+    pasted = ramp.clone()
+    pasted[..., 10:20, 10:20] += 2 / 255  # a patch two grey levels brighter: a seam
+    residual = nn.functional.conv2d((pasted - mean) / std, stream.srm, padding=2, groups=3)
+    assert 0.9 < residual[..., 4:-4, 4:-4].abs().max() < 6  # its edge shows, in grey levels
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet18"])
