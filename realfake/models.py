@@ -13,6 +13,7 @@ from torch.hub import get_dir
 from torchvision import models as tvm
 
 from realfake.config import TrainConfig
+from realfake.data import IMAGENET_STD
 from realfake.errors import WeightsUnavailable
 from realfake.samples import REGIONS
 
@@ -103,7 +104,7 @@ class NoiseResidualFeatures(nn.Module):
         self.features, self.join, self.truncate = features, join, truncate
         kernels = _srm_kernels().repeat(3, 1, 1).unsqueeze(1)  # (9, 1, 5, 5): 3 kernels per colour, grouped
         # one grey level of each normalised channel: the residuals in 0-255 units whatever the normalisation
-        levels = torch.tensor([255.0 * s for s in (0.229, 0.224, 0.225)]).repeat_interleave(3)
+        levels = torch.tensor([255.0 * s for s in IMAGENET_STD]).repeat_interleave(3)
         self.register_buffer("srm", kernels * levels.view(9, 1, 1, 1), persistent=False)
         width = max(16, channels // 2)
         layers: list[nn.Module] = []
