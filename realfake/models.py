@@ -85,8 +85,20 @@ def _srm_kernels() -> torch.Tensor:
     square = torch.tensor([[-1, 2, -2, 2, -1], [2, -6, 8, -6, 2], [-2, 8, -12, 8, -2],
                            [2, -6, 8, -6, 2], [-1, 2, -2, 2, -1]]) / 12.0
     line = torch.zeros(5, 5)
-    line[2, 1:4] = torch.tensor([1.0, -2.0, 1.0])
-    return torch.stack([second, square, line]).float()
+    line[2, 1:4] = torch.tensor([1.0, -2.0, 1.0]) / 2.0
+    return torch.stack([second, square, line])
+
+
+@torch.fx.wrap  # a leaf when torch.fx traces the model (fold_batchnorm), so the fp32 block below survives it
+def srm_residual(x: torch.Tensor, kernels: torch.Tensor, truncate: float) -> torch.Tensor:
+    """The SRM residual of ImageNet-normalised images `x` through grouped `kernels` (already in
+    grey levels), truncated at +-`truncate` and scaled to [-1, 1]. Always in fp32: under bf16
+    autocast the inputs' rounding (up to half a grey level) would bury a residual of one or two.
+    Reflect padding: zero padding would put a false seam of a hundred grey levels along the border."""
+    with torch.autocast(x.device.type, enabled=False):
+        padded = nn.functional.pad(x.float(), (2, 2, 2, 2), mode="reflect")
+        residual = nn.functional.conv2d(padded, kernels.float(), groups=3)
+        return residual.clamp(-truncate, truncate) / truncate
 
 
 class NoiseResidualFeatures(nn.Module):
@@ -116,9 +128,12 @@ class NoiseResidualFeatures(nn.Module):
         nn.init.zeros_(layers[-1].weight)
         self.stream = nn.Sequential(*layers)
 
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """What the stream's convolutions see: 9 channels, 3 kernels per colour, in [-1, 1]."""
+        return srm_residual(x, self.srm, self.truncate)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = nn.functional.conv2d(x, self.srm.to(x.dtype), padding=2, groups=3)
-        noise = self.stream(residual.clamp(-self.truncate, self.truncate) / self.truncate)
+        noise = self.stream(self.residual(x))
         for index, stage in enumerate(self.features):
             if index == self.join:
                 x = x + noise

@@ -1,3 +1,4 @@
+import copy
 import shutil
 import urllib.error
 
@@ -11,8 +12,10 @@ from realfake.errors import WeightsUnavailable
 from realfake.models import (
     BACKBONES,
     NoiseResidualFeatures,
+    _srm_kernels,
     build_model,
     fold_batchnorm,
+    srm_residual,
 )
 
 
@@ -172,10 +175,18 @@ def test_the_noise_stream_starts_at_zero_learns_past_the_frozen_stages_and_survi
     torch.manual_seed(0)
     plain = build_model(config.model_copy(update={"noise_residual": False}))
     images = torch.randn(4, 3, 64, 64)
+    for built in (model, plain):  # BatchNorm statistics of real activations: at their defaults, they fade to 0 by the head
+        for module in built.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = None  # a plain average over the passes
+        with torch.no_grad():
+            built.train()(images)
     model.eval()
     plain.eval()
     with torch.inference_mode():
-        assert torch.equal(model(images), plain(images))  # the pretrained model, exactly, before training
+        out = plain(images)
+        assert not torch.allclose(out[0], out[1], rtol=1e-3, atol=1e-4)
+        assert torch.equal(model(images), out)  # the pretrained model, exactly, before training
     frozen = {n: q.clone() for n, q in model.named_parameters() if not q.requires_grad}
     assert {n.split(".")[2] for n in frozen} == {"0", "1", "2", "3"}  # features.features.N: the stages freeze counts
     optimizer = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.1)
@@ -187,9 +198,11 @@ def test_the_noise_stream_starts_at_zero_learns_past_the_frozen_stages_and_survi
     assert all(q.grad is not None and q.grad.abs().sum() > 0 for n, q in model.named_parameters() if "stream" in n)
     assert all(torch.equal(q, frozen[n]) for n, q in model.named_parameters() if n in frozen)
     model.eval()
+    silenced = copy.deepcopy(model)
+    silenced.features.stream[-1].weight.data.zero_()
     with torch.inference_mode():
         out = model(images)
-        assert not torch.allclose(out, plain(images))
+        assert not torch.allclose(out, silenced(images), rtol=1e-3, atol=1e-4)  # the trained stream adds to the output
         assert torch.allclose(fold_batchnorm(model)(images), out, rtol=1e-4, atol=1e-5)
     again = build_model(config)
     again.load_state_dict(model.state_dict())  # a checkpoint loads into the model its config builds
@@ -197,16 +210,39 @@ def test_the_noise_stream_starts_at_zero_learns_past_the_frozen_stages_and_survi
         TrainConfig(backbone="resnet18", noise_residual=True)
 
 
-def test_the_noise_residual_cancels_smooth_content_and_keeps_a_pasted_patch_edge():
-    stream = NoiseResidualFeatures(nn.Sequential(nn.Identity()), join=0, channels=8, stride=2)
+def _normalised(images: torch.Tensor) -> torch.Tensor:
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(1, 3, 32, 32)  # a smooth gradient
-    residual = nn.functional.conv2d((ramp - mean) / std, stream.srm, padding=2, groups=3)
-    assert residual[..., 4:-4, 4:-4].abs().max() < 1e-3  # linear content cancels
+    return (images - mean) / std
+
+
+def test_the_noise_residual_is_each_kernel_on_each_colour_in_grey_levels():
+    stream = NoiseResidualFeatures(nn.Sequential(nn.Identity()), join=0, channels=8, stride=2)
+    kernels = _srm_kernels()
+    assert torch.allclose(kernels.sum(dim=(1, 2)), torch.zeros(3), atol=1e-6)  # high-pass: flat content cancels
+    for colour in range(3):
+        image = torch.full((1, 3, 15, 15), 0.5)
+        image[0, colour, 7, 7] += 1 / 255  # one pixel one grey level brighter
+        residual = stream.residual(_normalised(image))
+        expected = torch.zeros(1, 9, 15, 15)
+        expected[0, 3 * colour : 3 * colour + 3, 5:10, 5:10] = kernels / stream.truncate  # symmetric kernels
+        assert torch.allclose(residual, expected, atol=1e-4), colour
+
+
+def test_the_noise_residual_keeps_fp32_under_bf16_autocast_and_a_pasted_patch_shows():
+    stream = NoiseResidualFeatures(nn.Sequential(nn.Identity()), join=0, channels=8, stride=2)
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(1, 3, 32, 32).contiguous()  # a smooth gradient
+    assert stream.residual(_normalised(ramp))[..., 2:-2, 2:-2].abs().max() < 1e-3  # linear content cancels
+    flat = torch.full((1, 3, 32, 32), 0.5)
+    assert stream.residual(_normalised(flat)).abs().max() < 1e-5  # no false seam at the borders
     pasted = ramp.clone()
     pasted[..., 10:20, 10:20] += 2 / 255  # a patch two grey levels brighter: a seam
-    residual = nn.functional.conv2d((pasted - mean) / std, stream.srm, padding=2, groups=3)
-    assert 0.9 < residual[..., 4:-4, 4:-4].abs().max() < 6  # its edge shows, in grey levels
+    exact = stream.residual(_normalised(pasted))
+    assert 0.3 < exact.abs().max() <= 1  # its edge shows (2 grey levels against a truncation at 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = stream.residual(_normalised(pasted))
+    assert under_autocast.dtype == torch.float32 and torch.allclose(under_autocast, exact, atol=1e-5)
+    folded = fold_batchnorm(stream)  # torch.fx traced it: the fp32 helper must stay one call, not be inlined
+    assert [node.target for node in folded.graph.nodes if node.op == "call_function"].count(srm_residual) == 1
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet18"])
