@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from realfake.config import shown_url
 from realfake.errors import SettingsError
 
+log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).with_name("migrations")
 _URL_FORMS = "realfake takes sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
 
@@ -136,7 +137,7 @@ class LeaseHeartbeat(threading.Thread):
                 with session_scope(self.factory) as session:
                     beat = session.execute(self.stamp).rowcount
             except Exception:  # a database blip: try again at the next beat
-                logging.getLogger(__name__).exception("%s failed", self.name)
+                log.exception("%s failed", self.name)
                 continue
             if not beat:
                 self.lost.set()
