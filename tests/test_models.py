@@ -12,7 +12,6 @@ from realfake.errors import WeightsUnavailable
 from realfake.models import (
     BACKBONES,
     NoiseResidualFeatures,
-    _srm_kernels,
     build_model,
     fold_batchnorm,
     srm_residual,
@@ -215,9 +214,18 @@ def _normalised(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
+# Zhou et al. (CVPR 2018), section 3.2: the three SRM kernels of their noise stream, as published
+_PUBLISHED_SRM = torch.stack([
+    torch.nn.functional.pad(torch.tensor([[-1.0, 2, -1], [2, -4, 2], [-1, 2, -1]]) / 4, (1, 1, 1, 1)),
+    torch.tensor([[-1.0, 2, -2, 2, -1], [2, -6, 8, -6, 2], [-2, 8, -12, 8, -2],
+                  [2, -6, 8, -6, 2], [-1, 2, -2, 2, -1]]) / 12,
+    torch.nn.functional.pad(torch.tensor([[1.0, -2, 1]]) / 2, (1, 1, 2, 2)),
+])
+
+
 def test_the_noise_residual_is_each_kernel_on_each_colour_in_grey_levels():
     stream = NoiseResidualFeatures(nn.Sequential(nn.Identity()), join=0, channels=8, stride=2)
-    kernels = _srm_kernels()
+    kernels = _PUBLISHED_SRM
     assert torch.allclose(kernels.sum(dim=(1, 2)), torch.zeros(3), atol=1e-6)  # high-pass: flat content cancels
     for colour in range(3):
         image = torch.full((1, 3, 15, 15), 0.5)
@@ -237,12 +245,26 @@ def test_the_noise_residual_keeps_fp32_under_bf16_autocast_and_a_pasted_patch_sh
     pasted = ramp.clone()
     pasted[..., 10:20, 10:20] += 2 / 255  # a patch two grey levels brighter: a seam
     exact = stream.residual(_normalised(pasted))
-    assert 0.3 < exact.abs().max() <= 1  # its edge shows (2 grey levels against a truncation at 3)
+    assert exact.abs().max() > 0.3  # its edge shows (2 grey levels against a truncation at 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = stream.residual(_normalised(pasted))
     assert under_autocast.dtype == torch.float32 and torch.allclose(under_autocast, exact, atol=1e-5)
     folded = fold_batchnorm(stream)  # torch.fx traced it: the fp32 helper must stay one call, not be inlined
     assert [node.target for node in folded.graph.nodes if node.op == "call_function"].count(srm_residual) == 1
+
+
+def test_the_whole_model_feeds_its_noise_stream_fp32_under_bf16_autocast_folded_or_not():
+    config = TrainConfig(backbone="mobilenet_v2", weights="none", freeze=4, noise_residual=True)
+    model = build_model(config).eval()
+    images = torch.randn(2, 3, 64, 64)
+    for built in (model, fold_batchnorm(model)):
+        seen: list[torch.dtype] = []
+        first = built.get_submodule("features.stream.0")
+        hook = first.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            built(images)
+        hook.remove()
+        assert seen == [torch.float32], type(built).__name__
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet18"])
