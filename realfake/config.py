@@ -46,6 +46,11 @@ class TrainConfig(BaseModel):
         "generalised mean with a learnt exponent, between average and max pooling"
     )
 
+    output_stride: Literal[32, 16] = Field(
+        32, description="mobilenet_v2: how far the last feature map is downsampled; 16 keeps the last "
+        "stage at twice the resolution (its stride-2 block made stride 1 and the blocks after it "
+        "dilated, so the ImageNet weights still see what they were trained on), for about 1.8x a step"
+    )
     noise_residual: bool = Field(
         False, description="mobilenet_v2: a second input stream, the image's SRM high-pass noise residual "
         "through two trainable convolutions, added where the fourth stage's output enters the fifth "
@@ -159,6 +164,8 @@ class TrainConfig(BaseModel):
         if self.pool == "gem" and self.backbone not in ("resnet18", "resnet34", "resnet50", "mobilenet_v2"):
             raise ValueError(f"pool gem needs features that end in a ReLU (resnet18/34/50, mobilenet_v2); "
                              f"{self.backbone}'s can be negative")
+        if self.output_stride != 32 and self.backbone != "mobilenet_v2":
+            raise ValueError(f"output_stride {self.output_stride} is built for mobilenet_v2, not {self.backbone}")
         if self.noise_residual and self.backbone != "mobilenet_v2":
             raise ValueError(f"noise_residual is built for mobilenet_v2, not {self.backbone}")
         if self.splice_p > 0 and self.region_weight > 0:

@@ -11,6 +11,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 from torch.hub import get_dir
 from torchvision import models as tvm
+from torchvision.models.mobilenetv2 import InvertedResidual
 
 from realfake.config import TrainConfig
 from realfake.data import IMAGENET_STD
@@ -146,6 +147,18 @@ class NoiseResidualFeatures(nn.Module):
 _NOISE_JOIN = {"mobilenet_v2": (4, 24, 4)}
 
 
+def _halve_output_stride(features: nn.Sequential) -> None:
+    """MobileNetV2 at output stride 16: its last stride-2 block (features[14]) keeps the
+    resolution, and the depthwise convolutions after it dilate by 2 to see as far as before."""
+    blocks = [i for i, block in enumerate(features) if isinstance(block, InvertedResidual)]
+    last_strided = max(i for i in blocks if features[i].stride == 2)
+    features[last_strided].conv[1][0].stride = (1, 1)
+    for i in blocks:
+        if i > last_strided:
+            depthwise = features[i].conv[1][0]
+            depthwise.dilation, depthwise.padding = (2, 2), (2, 2)
+
+
 def _attach_pool(model: nn.Module, pool: str) -> None:
     """Put the configured pooling where the backbone pools its features."""
     if pool == "avg":
@@ -250,6 +263,8 @@ def build_model(config: TrainConfig) -> nn.Module:
     first = classifier if isinstance(classifier, nn.Linear) else next(
         m for m in classifier.modules() if isinstance(m, nn.Linear))
     model.set_submodule(spec.head, seed_head(first.in_features, config.hidden, config.dropout, outputs))
+    if config.output_stride == 16:
+        _halve_output_stride(model.features)
     stages = spec.stages(model)  # taken before the pooling joins MobileNetV2's features
     _attach_pool(model, config.pool)
     if config.freeze > len(stages):

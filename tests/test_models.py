@@ -291,3 +291,23 @@ def test_pool_gem_replaces_the_average_and_survives_folding_and_saving(backbone)
         assert build_model(deepest).get_parameter("features.19.p").requires_grad
     with pytest.raises(ValueError, match="pool gem needs features that end in a ReLU"):
         TrainConfig(backbone="convnext_tiny", pool="gem")
+
+
+def test_output_stride_16_doubles_the_last_map_keeps_the_weights_and_survives_folding():
+    torch.manual_seed(0)
+    config = TrainConfig(backbone="mobilenet_v2", weights="none", output_stride=16, freeze=4)
+    model = _as_if_trained(build_model(config)).eval()
+    plain = build_model(config.model_copy(update={"output_stride": 32})).eval()
+    plain.load_state_dict(model.state_dict())  # the same parameters: ImageNet weights load unchanged
+    images = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        assert model.features(images).shape[-2:] == (6, 6)  # 96 / 16
+        assert plain.features(images).shape[-2:] == (3, 3)
+        out = model(images)
+        assert not torch.allclose(out, plain(images))
+        assert torch.allclose(fold_batchnorm(model)(images), out, rtol=1e-4, atol=1e-5)
+    # the blocks after the unstrided one dilate, so their 3x3 kernels span what they did at stride 32
+    assert [block.conv[1][0].dilation for block in model.features[15:18]] == [(2, 2)] * 3
+    assert model.features[14].conv[1][0].stride == (1, 1)
+    with pytest.raises(ValueError, match="output_stride 16 is built for mobilenet_v2"):
+        TrainConfig(backbone="resnet18", output_stride=16)
