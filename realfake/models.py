@@ -150,12 +150,12 @@ _NOISE_JOIN = {"mobilenet_v2": (4, 24, 4)}
 def _halve_output_stride(features: nn.Sequential) -> None:
     """MobileNetV2 at output stride 16: its last stride-2 block (features[14]) keeps the
     resolution, and the depthwise convolutions after it dilate by 2 to see as far as before."""
-    blocks = [i for i, block in enumerate(features) if isinstance(block, InvertedResidual)]
-    last_strided = max(i for i in blocks if features[i].stride == 2)
+    last_strided = max(i for i, block in enumerate(features)
+                       if isinstance(block, InvertedResidual) and block.stride == 2)
     features[last_strided].conv[1][0].stride = (1, 1)
-    for i in blocks:
-        if i > last_strided:
-            depthwise = features[i].conv[1][0]
+    for block in features[last_strided + 1:]:
+        if isinstance(block, InvertedResidual):
+            depthwise = block.conv[1][0]
             depthwise.dilation, depthwise.padding = (2, 2), (2, 2)
 
 
