@@ -79,6 +79,11 @@ class TrainConfig(BaseModel):
         None, description="re-encode training images at a random JPEG quality in this range"
     )
     jpeg_p: float = Field(0.5, ge=0.0, le=1.0, description="share of training images re-encoded at jpeg_quality (when set)")
+    erase_p: float = Field(
+        0.0, ge=0.0, le=1.0, description="random erasing (cutout): with this probability a training crop "
+        "has a rectangle of 2-33% of its area set to the mean colour, so no single part of a face can "
+        "carry the decision alone; 0 = off"
+    )
     splice_p: float = Field(
         0.0, ge=0.0, le=1.0, description="each fake training image is, with this probability, replaced by "
         "a synthetic fake: a real training face with its eyes, nose or mouth pasted back from a moved, "

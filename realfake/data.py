@@ -100,6 +100,8 @@ def train_transform(config: TrainConfig, resized: bool = False) -> v2.Compose:
     if config.jpeg_quality is not None:
         steps.append(v2.RandomApply([v2.JPEG(list(config.jpeg_quality))], p=config.jpeg_p))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if config.erase_p > 0:  # after Normalize, so the erased rectangle's 0 is the mean colour
+        steps.append(v2.RandomErasing(p=config.erase_p))
     return v2.Compose(steps)
 
 

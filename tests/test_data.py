@@ -374,3 +374,22 @@ def test_splice_p_is_a_probability_and_excludes_region_supervision():
         TrainConfig(splice_p=1.5)
     with pytest.raises(ValueError, match="splice_p and region_weight exclude each other"):
         TrainConfig(splice_p=0.5, region_weight=0.5)
+
+
+def test_erase_p_blanks_one_rectangle_of_a_training_crop_to_the_mean_colour():
+    image = Image.fromarray(np.random.default_rng(0).integers(1, 255, (32, 32, 3), np.uint8))
+    config = TrainConfig(resize=32, image_size=32, rotation=0, color_jitter=0, erase_p=1.0)
+    plain = eval_transform(config)(image)
+    torch.manual_seed(0)
+    for _ in range(10):
+        view = train_transform(config)(image)
+        erased = (view == 0).all(dim=0)  # no 8-bit value normalises to exactly 0: the means are not multiples of 1/255
+        rows, cols = erased.nonzero(as_tuple=True)
+        assert 0.02 * 32 * 32 <= erased.sum() <= 0.34 * 32 * 32
+        box = erased[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.all()  # one rectangle
+        mirrored = not torch.equal(view[:, ~erased], plain[:, ~erased])
+        assert torch.equal(view[:, ~erased], (plain.flip(-1) if mirrored else plain)[:, ~erased])
+    assert "RandomErasing" not in [type(t).__name__ for t in train_transform(TrainConfig()).transforms]
+    with pytest.raises(ValueError):
+        TrainConfig(erase_p=1.5)
