@@ -115,6 +115,11 @@ class TrainConfig(BaseModel):
         0.0, ge=0.0, description="mixup: each training batch blended with a shuffled copy of itself, "
         "the larger weight (from Beta(alpha, alpha)) on the batch itself, and the loss blended alike; 0 = off"
     )
+    sam_rho: float = Field(
+        0.0, ge=0.0, le=1.0, description="sharpness-aware minimisation (SAM): each step takes its gradient "
+        "at the weights moved this far (L2) up the batch's own gradient, which favours flat minima; "
+        "twice the training compute a step; 0 = off (0.05 is the usual value)"
+    )
     ema_decay: float = Field(
         0.0, ge=0.0, lt=1.0, description="validate, test and keep an exponential moving average of "
         "the weights, updated each step with this decay (0.99: about the last 100 steps); 0 = off"

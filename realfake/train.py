@@ -152,6 +152,7 @@ def train_one_epoch(
     region_weight: float = 0.0,
     ema: AveragedModel | None = None,
     mixup_alpha: float = 0.0,
+    sam_rho: float = 0.0,
 ) -> Metrics:
     """One pass over the training data; metrics come from the training-mode predictions.
 
@@ -159,7 +160,8 @@ def train_one_epoch(
     learnt by the model's extra outputs with weight `region_weight`. `ema`, when given, is
     updated after every step. With `mixup_alpha`, each batch is blended with a shuffled copy
     of itself; the batch keeps the larger weight, so the training metrics judge each blend
-    by the label of its larger part.
+    by the label of its larger part. With `sam_rho`, each step is sharpness-aware
+    (`sharpness_aware_gradients`); the loss and metrics reported are those at the weights themselves.
     """
     model.train()
     dataset: FaceDataset = loader.dataset
@@ -170,16 +172,23 @@ def train_one_epoch(
         if mixup_alpha > 0:
             blend, partner, weight = mix_batch(images, mixup_alpha)
             images = runtime.to_device(blend)  # indexing may have dropped the channels-last layout
-        with runtime.autocast():
-            output = model(images)
-            logits = class_logits(output)
-            loss = criterion(logits, targets)
-            if mixup_alpha > 0:
-                loss = weight * loss + (1 - weight) * criterion(logits, targets[partner])
-            if regions is not None:
-                loss = loss + region_weight * _region_loss(output[:, 2:], regions[index].to(runtime.device))
+
+        def batch_loss() -> tuple[torch.Tensor, torch.Tensor]:
+            with runtime.autocast():
+                output = model(images)
+                logits = class_logits(output)
+                loss = criterion(logits, targets)
+                if mixup_alpha > 0:
+                    loss = weight * loss + (1 - weight) * criterion(logits, targets[partner])
+                if regions is not None:
+                    loss = loss + region_weight * _region_loss(output[:, 2:], regions[index].to(runtime.device))
+            return logits, loss
+
+        logits, loss = batch_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if sam_rho > 0:
+            sharpness_aware_gradients(model, lambda: batch_loss()[1], sam_rho)
         optimizer.step()
         if ema is not None:
             ema.update_parameters(model)
@@ -189,6 +198,36 @@ def train_one_epoch(
         indices.append(index)
         hooks.on_batch("train", epoch, step + 1, len(loader))
     return _metrics(dataset, labels, scores, indices, total_loss)
+
+
+def sharpness_aware_gradients(model: nn.Module, loss_at: Callable[[], torch.Tensor], rho: float) -> None:
+    """SAM (Foret et al., 2021): replace the gradients in `model` by those at w + rho * g / |g|.
+
+    Call after `backward()` at w; the optimizer's step then uses the gradient at the nearby
+    worst-case point, which steers toward flat minima. Batch-norm running statistics are
+    left as the first pass set them: the second pass is a probe, not data.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+    scale = rho / (norm + 1e-12)
+    originals = [p.detach().clone() for p in params]  # restored by copy: w + e - e is not w in floats
+    with torch.no_grad():
+        for p in params:
+            p.add_(p.grad * scale.to(p.grad.dtype))
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        for p in params:
+            p.grad = None
+        loss_at().backward()
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        with torch.no_grad():
+            for p, original in zip(params, originals):
+                p.copy_(original)
 
 
 def mix_batch(images: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -368,7 +407,8 @@ def fit(
             torch.manual_seed(config.seed * 1000 + epoch)
             train_loader = _loader(datasets["train"], config, True, config.seed * 1000 + epoch, runtime)
             metrics = {"train": train_one_epoch(forward, criterion, optimizer, train_loader, runtime, epoch, hooks,
-                                                regions, config.region_weight, ema, config.mixup_alpha)}
+                                                regions, config.region_weight, ema, config.mixup_alpha,
+                                                config.sam_rho)}
             for name in ("val", "test"):
                 if datasets[name].samples:
                     loader = _loader(datasets[name], config, False, 0, runtime)

@@ -325,6 +325,64 @@ def test_mixup_blends_a_batch_with_a_permutation_of_itself_keeping_the_larger_sh
         TrainConfig(mixup_alpha=0.2, region_weight=0.5)
 
 
+def test_sharpness_aware_gradients_are_those_at_the_weights_moved_up_the_gradient():
+    from torch import nn
+
+    from realfake.train import sharpness_aware_gradients
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    model[0].bias.requires_grad_(False)  # a frozen weight has no gradient and is not moved
+    x, y = torch.randn(16, 5), torch.randint(0, 2, (16,))
+
+    def loss_at():
+        return nn.functional.cross_entropy(model(x), y)
+
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loss_at().backward()
+    stats_after_one_pass = model[1].running_mean.clone()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    norm = torch.cat([g.flatten() for g in gradients.values()]).norm()
+
+    # The expected gradients, by hand on a copy moved 0.5 along the unit gradient.
+    probe = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    probe.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, p in probe.named_parameters():
+            if name in gradients:
+                p.add_(0.5 * gradients[name] / norm)
+    nn.functional.cross_entropy(probe(x), y).backward()
+
+    sharpness_aware_gradients(model, loss_at, rho=0.5)
+
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), weights[name]), f"{name} not restored"
+        if name in gradients:
+            expected = dict(probe.named_parameters())[name].grad
+            assert torch.allclose(p.grad, expected, atol=1e-6), name
+            assert not torch.allclose(p.grad, gradients[name]), f"{name}: the gradient at w itself"
+    assert model[0].bias.grad is None
+    assert torch.equal(model[1].running_mean, stats_after_one_pass)  # the probe left no statistics
+    assert model[1].momentum == 0.1
+
+
+def test_sam_rho_makes_every_training_step_sharpness_aware(synthetic_data, mobilenet_weights, tmp_path, monkeypatch):
+    import realfake.train
+    from realfake.samples import discover, stratified_split
+
+    probes = []
+    real = realfake.train.sharpness_aware_gradients
+    monkeypatch.setattr(realfake.train, "sharpness_aware_gradients",
+                        lambda model, loss_at, rho: probes.append(rho) or real(model, loss_at, rho))
+    config = small_config(mobilenet_weights, decode_cache=False, epochs=1, sam_rho=0.05)
+    split = stratified_split(discover(synthetic_data), SplitConfig(val=0.2, test=0.2, seed=0))
+    hooks = _Remembering()
+    assert realfake.train.fit(config, synthetic_data, split, tmp_path / "sam", hooks).outcome == "completed"
+    batches = -(-len(split["train"]) // config.batch_size)
+    assert probes == [0.05] * batches
+    assert np.isfinite(hooks.metrics[1]["train"].loss)
+
+
 @pytest.mark.slow
 def test_a_run_with_mixup_trains_on_blends_and_still_learns(synthetic_data, mobilenet_weights, tmp_path):
     from realfake.samples import discover, stratified_split
