@@ -204,8 +204,9 @@ def sharpness_aware_gradients(model: nn.Module, loss_at: Callable[[], torch.Tens
     """SAM (Foret et al., 2021): replace the gradients in `model` by those at w + rho * g / |g|.
 
     Call after `backward()` at w; the optimizer's step then uses the gradient at the nearby
-    worst-case point, which steers toward flat minima. Batch-norm running statistics are
-    left as the first pass set them: the second pass is a probe, not data.
+    worst-case point, which steers toward flat minima. Batch-norm running means and variances
+    are left as the first pass set them (the second pass is a probe, not data); only its
+    batch counter, which matters to `momentum=None` alone, counts the probe.
     """
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
