@@ -209,8 +209,7 @@ def sharpness_aware_gradients(model: nn.Module, loss_at: Callable[[], torch.Tens
     batch counter, which matters to `momentum=None` alone, counts the probe.
     """
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
-    scale = rho / (norm + 1e-12)
+    scale = rho / (nn.utils.get_total_norm([p.grad for p in params]) + 1e-12)
     originals = [p.detach().clone() for p in params]  # restored by copy: w + e - e is not w in floats
     with torch.no_grad():
         for p in params:

@@ -326,6 +326,8 @@ def test_mixup_blends_a_batch_with_a_permutation_of_itself_keeping_the_larger_sh
 
 
 def test_sharpness_aware_gradients_are_those_at_the_weights_moved_up_the_gradient():
+    import copy
+
     from torch import nn
 
     from realfake.train import sharpness_aware_gradients
@@ -333,6 +335,7 @@ def test_sharpness_aware_gradients_are_those_at_the_weights_moved_up_the_gradien
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
     model[0].bias.requires_grad_(False)  # a frozen weight has no gradient and is not moved
+    probe = copy.deepcopy(model)  # moved by hand below, for the expected gradients
     x, y = torch.randn(16, 5), torch.randint(0, 2, (16,))
 
     def loss_at():
@@ -344,9 +347,7 @@ def test_sharpness_aware_gradients_are_those_at_the_weights_moved_up_the_gradien
     gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     norm = torch.cat([g.flatten() for g in gradients.values()]).norm()
 
-    # The expected gradients, by hand on a copy moved 0.5 along the unit gradient.
-    probe = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
-    probe.load_state_dict(model.state_dict())
+    # The expected gradients, by hand on the copy moved 0.5 along the unit gradient.
     with torch.no_grad():
         for name, p in probe.named_parameters():
             if name in gradients:
