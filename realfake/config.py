@@ -56,6 +56,12 @@ class TrainConfig(BaseModel):
         "through two trainable convolutions, added where the fourth stage's output enters the fifth "
         "(past best.yaml's frozen stages); it starts at zero, so training starts from the pretrained model"
     )
+    tap_stages: tuple[int, ...] = Field(
+        (), description="mobilenet_v2: earlier stages (numbered as `freeze` counts them, 0-17) whose output "
+        "maps are pooled too, into each channel's mean and standard deviation over the map, batch-normalised "
+        "and joined to the last map's average as the head's input, so low-level traces of an edit (a seam, "
+        "another photo's noise or sharpness) reach the head at a finer scale than the last stage's; () = off"
+    )
 
     # input and augmentation
     resize: int = Field(256, ge=8, description="images are resized to this square first (600: the real faces' own size)")
@@ -178,6 +184,15 @@ class TrainConfig(BaseModel):
             raise ValueError(f"output_stride {self.output_stride} is built for mobilenet_v2, not {self.backbone}")
         if self.noise_residual and self.backbone != "mobilenet_v2":
             raise ValueError(f"noise_residual is built for mobilenet_v2, not {self.backbone}")
+        if self.tap_stages:
+            if self.backbone != "mobilenet_v2":
+                raise ValueError(f"tap_stages is built for mobilenet_v2, not {self.backbone}")
+            taps = list(self.tap_stages)
+            if taps != sorted(set(taps)) or not 0 <= taps[0] <= taps[-1] <= 17:
+                raise ValueError(f"tap_stages {list(self.tap_stages)}: distinct stages in increasing order, each "
+                                 f"from 0 to 17 (18, the last, is pooled already)")
+            if self.noise_residual or self.pool != "avg":
+                raise ValueError("tap_stages joins neither noise_residual nor pool gem: each rewires the same features")
         if self.splice_p > 0 and self.region_weight > 0:
             raise ValueError("splice_p and region_weight exclude each other: a synthetic fake's "
                              "file name does not say which regions were pasted")

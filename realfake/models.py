@@ -147,6 +147,41 @@ class NoiseResidualFeatures(nn.Module):
 _NOISE_JOIN = {"mobilenet_v2": (4, 24, 4)}
 
 
+class TappedFeatures(nn.Module):
+    """A backbone's feature stages whose output is one vector per image (as a 1x1 map): the
+    last map's channel averages, as torchvision pools it, followed by the mean and standard
+    deviation of each channel of the stages in `taps`, batch-normalised. A pasted eye's seam or
+    foreign noise is a few pixels wide: at stride 8 or 16 its statistics are still there, where
+    the last stage (stride 32, ImageNet's semantics) may have pooled them away."""
+
+    def __init__(self, features: nn.Sequential, taps: tuple[int, ...]):
+        super().__init__()
+        self.features, self.taps = features, tuple(taps)
+        width = 2 * sum(features[i].out_channels for i in self.taps)
+        self.norm = nn.BatchNorm1d(width)  # the statistics of a linear bottleneck span tens: bring them to the head's scale
+
+    @property
+    def out_channels(self) -> int:
+        return self.features[-1].out_channels + self.norm.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        statistics = []
+        for index, stage in enumerate(self.features):
+            x = stage(x)
+            if index in self.taps:
+                mapped = x.float().flatten(2)  # fp32: a standard deviation in bf16 keeps 2-3 digits
+                statistics += [mapped.mean(2), mapped.std(2, correction=0)]
+        joined = torch.cat(statistics, dim=1)
+        if self.training and joined.shape[0] == 1:  # an epoch's last batch of one image: no batch statistics to take
+            norm = self.norm
+            tapped = nn.functional.batch_norm(joined, norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                                              False, 0.0, norm.eps)
+        else:
+            tapped = self.norm(joined)
+        last = x.float().mean(dim=(-2, -1))
+        return torch.cat([last, tapped], dim=1)[:, :, None, None]
+
+
 def _halve_output_stride(features: nn.Sequential) -> None:
     """MobileNetV2 at output stride 16: its last stride-2 block (features[14]) keeps the
     resolution, and the depthwise convolutions after it dilate by 2 to see as far as before."""
@@ -273,6 +308,9 @@ def build_model(config: TrainConfig) -> nn.Module:
         stage.requires_grad_(False)
     if config.noise_residual:
         model.features = NoiseResidualFeatures(model.features, *_NOISE_JOIN[config.backbone])
+    if config.tap_stages:
+        model.features = TappedFeatures(model.features, config.tap_stages)
+        model.set_submodule(spec.head, seed_head(model.features.out_channels, config.hidden, config.dropout, outputs))
     return model
 
 

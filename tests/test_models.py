@@ -311,3 +311,52 @@ def test_output_stride_16_doubles_the_last_map_keeps_the_weights_and_survives_fo
     assert model.features[14].conv[1][0].stride == (1, 1)
     with pytest.raises(ValueError, match="output_stride 16 is built for mobilenet_v2"):
         TrainConfig(backbone="resnet18", output_stride=16)
+
+
+def test_tap_stages_join_each_tapped_channels_mean_and_spread_to_the_last_maps_average():
+    torch.manual_seed(0)
+    config = TrainConfig(backbone="mobilenet_v2", weights="none", freeze=4, tap_stages=(6, 13))
+    model = build_model(config)
+    assert model.classifier[0].in_features == 1280 + 2 * (32 + 96)
+    images = torch.randn(3, 3, 96, 96)
+    for module in model.modules():  # BatchNorm statistics of real activations (at their defaults they fade to 0)
+        if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
+            module.momentum = None
+    with torch.no_grad():
+        model.train()(images)
+    model.eval()
+    plain = build_model(config.model_copy(update={"tap_stages": ()})).eval()
+    plain.features.load_state_dict(model.features.features.state_dict())  # ImageNet weights load as before
+    seen = {}
+    hooks = [model.features.features[i].register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out))
+             for i in (6, 13)]
+    with torch.inference_mode():
+        vector = model.features(images).flatten(1)
+        expected_last = plain.eval().features(images).mean(dim=(-2, -1))
+        norm = model.features.norm
+        raw = torch.cat([torch.cat([seen[i].flatten(2).mean(2), seen[i].flatten(2).std(2, correction=0)], 1)
+                         for i in (6, 13)], 1)
+        expected_taps = (raw - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+        assert not torch.allclose(vector[0], vector[1], rtol=1e-3, atol=1e-4)  # each image its own vector
+        assert torch.allclose(vector[:, :1280], expected_last, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(vector[:, 1280:1280 + 32], expected_taps[:, :32], rtol=1e-4, atol=1e-4)  # stage 6's means
+        assert torch.allclose(vector[:, 1280:], expected_taps, rtol=1e-4, atol=1e-4)
+        assert raw[:, 32:64].min() > 0  # stage 6's spreads: real standard deviations, not a copy of the means
+        out = model(images)
+        assert torch.allclose(fold_batchnorm(model)(images), out, rtol=1e-4, atol=1e-5)
+    for hook in hooks:
+        hook.remove()
+    frozen = {n for n, q in model.named_parameters() if not q.requires_grad}
+    assert {n.split(".")[2] for n in frozen} == {"0", "1", "2", "3"}  # features.features.N: the stages freeze counts
+    model.train()
+    nn.functional.cross_entropy(model(images[:1]), torch.tensor([1])).backward()  # an epoch's last batch of one
+    assert model.features.norm.weight.grad.abs().sum() > 0
+    again = build_model(config)
+    again.load_state_dict(model.state_dict())  # a checkpoint loads into the model its config builds
+    with pytest.raises(ValueError, match="tap_stages is built for mobilenet_v2"):
+        TrainConfig(backbone="resnet18", tap_stages=(2,))
+    for taps in [(13, 6), (6, 6), (18,)]:
+        with pytest.raises(ValueError, match="distinct stages in increasing order"):
+            TrainConfig(backbone="mobilenet_v2", tap_stages=taps)
+    with pytest.raises(ValueError, match="tap_stages joins neither"):
+        TrainConfig(backbone="mobilenet_v2", tap_stages=(6,), pool="gem")

@@ -491,3 +491,19 @@ def test_bf16_on_the_cpu_trains_channels_last(factory, synthetic_data, mobilenet
     assert len(rows) == 3 and all(0.0 <= r.loss < 10.0 for r in rows)
     emulated = "without native bf16" in caplog.text
     assert emulated is not cpu_has_bf16()  # the user hears why an emulated bf16 run is slow
+
+
+@pytest.mark.slow
+def test_a_run_with_tapped_stages_trains_and_still_learns(synthetic_data, mobilenet_weights, tmp_path):
+    from realfake.samples import discover, stratified_split
+    from realfake.train import fit
+
+    config = small_config(mobilenet_weights, freeze=4, tap_stages=(6, 13))
+    split = stratified_split(discover(synthetic_data), SplitConfig(val=0.2, test=0.2, seed=0))
+    run = _Remembering()
+    assert fit(config, synthetic_data, split, tmp_path / "tapped", run).outcome == "completed"
+    print("tapped val accuracy", [round(m["val"].accuracy, 3) for m in run.metrics.values()])
+    assert max(m["val"].accuracy for m in run.metrics.values()) >= 0.85
+    best = build_model(config)
+    best.load_state_dict(load_checkpoint(tmp_path / "tapped" / "best.pt")["model"])
+    assert best.features.norm.num_batches_tracked > 0  # the statistics' BatchNorm trained with the rest
