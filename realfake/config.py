@@ -238,6 +238,10 @@ class SplitConfig(BaseModel):
     `folds: K` (cross-validation): the faces outside test are dealt into K folds, and each
     variant trains K runs, run k validating on fold k and training on the others; `val`
     does not apply then. The test faces are the same as without folds.
+
+    `train_fraction` keeps that share of each run's training faces (per class and group,
+    the smaller shares nested in the larger) and leaves validation and test as they are:
+    a learning curve, how much more data would be worth.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -246,6 +250,7 @@ class SplitConfig(BaseModel):
     test: float = Field(0.2, ge=0.0, lt=1.0)
     seed: int = 0
     folds: int | None = Field(None, ge=2, le=20)
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0)
 
     @model_validator(mode="before")
     @classmethod

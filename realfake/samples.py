@@ -136,6 +136,8 @@ def stratified_split(
         n_val = round(len(members) * split.val)
         parts["val"] += members[n_test : n_test + n_val]
         parts["train"] += members[n_test + n_val :]
+    if split.train_fraction < 1.0:
+        parts["train"] = _keep_share(parts["train"], split.train_fraction, split.seed)
     val_fraction = split.val if split.folds is None else 1.0
     for name, part in parts.items():
         part.sort()
@@ -146,6 +148,22 @@ def stratified_split(
                 f"({len(samples)} images, {_describe(split)})"
             )
     return parts
+
+
+def _keep_share(train: list[Sample], fraction: float, seed: int) -> list[Sample]:
+    """`fraction` of each class-and-group stratum (at least one face of each), drawn by a
+    generator of its own so the split itself is untouched and smaller shares are nested in
+    larger ones."""
+    strata: dict[tuple[int, str | None], list[Sample]] = defaultdict(list)
+    for sample in sorted(train):
+        strata[(sample.label, sample.group)].append(sample)
+    rng = random.Random(f"train_fraction {seed}")
+    kept = []
+    for key in sorted(strata, key=lambda k: (k[0], k[1] or "")):
+        members = strata[key]
+        rng.shuffle(members)
+        kept += members[: max(1, round(len(members) * fraction))]
+    return kept
 
 
 def _describe(split: SplitConfig) -> str:

@@ -122,6 +122,23 @@ def test_folds_deal_the_faces_outside_test_into_disjoint_stratified_folds(synthe
             stratified_split(samples, config, fold)
 
 
+def test_train_fraction_keeps_a_nested_stratified_share_of_training_and_leaves_val_and_test(synthetic_data):
+    samples = discover(synthetic_data)
+    whole = stratified_split(samples, SplitConfig(test=0.2, seed=3, folds=3), 1)
+    shares = {f: stratified_split(samples, SplitConfig(test=0.2, seed=3, folds=3, train_fraction=f), 1)
+              for f in (0.25, 0.5)}
+    for fraction, parts in shares.items():
+        assert parts["val"] == whole["val"] and parts["test"] == whole["test"]
+        strata = Counter((s.label, s.group) for s in whole["train"])
+        kept = Counter((s.label, s.group) for s in parts["train"])
+        assert kept == {key: max(1, round(n * fraction)) for key, n in strata.items()}
+    assert set(shares[0.25]["train"]) < set(shares[0.5]["train"]) < set(whole["train"])
+    assert stratified_split(samples, SplitConfig(test=0.2, seed=3, folds=3, train_fraction=1.0), 1) == whole
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="train_fraction"):
+            SplitConfig(train_fraction=bad)
+
+
 @pytest.mark.skipif(not FACES.is_dir(), reason="shared dataset not present")
 def test_split_of_the_real_faces_keeps_group_proportions():
     samples = discover(FACES)
