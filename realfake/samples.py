@@ -121,6 +121,7 @@ def stratified_split(
     for sample in sorted(set(samples)):
         strata[(sample.label, sample.group)].append(sample)
     rng = random.Random(split.seed)
+    share_rng = random.Random(f"train_fraction {split.seed}")  # its own: the split itself is untouched
     parts: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
     dealt = 0  # faces dealt into folds so far: each stratum continues where the last one stopped
     for key in sorted(strata, key=lambda k: (k[0], k[1] or "")):
@@ -129,15 +130,15 @@ def stratified_split(
         n_test = round(len(members) * split.test)
         parts["test"] += members[:n_test]
         if split.folds is not None:
+            train = []
             for sample in members[n_test:]:
-                parts["val" if dealt % split.folds == fold else "train"].append(sample)
+                (parts["val"] if dealt % split.folds == fold else train).append(sample)
                 dealt += 1
-            continue
-        n_val = round(len(members) * split.val)
-        parts["val"] += members[n_test : n_test + n_val]
-        parts["train"] += members[n_test + n_val :]
-    if split.train_fraction < 1.0:
-        parts["train"] = _keep_share(parts["train"], split.train_fraction, split.seed)
+        else:
+            n_val = round(len(members) * split.val)
+            parts["val"] += members[n_test : n_test + n_val]
+            train = members[n_test + n_val :]
+        parts["train"] += _keep_share(train, split.train_fraction, share_rng)
     val_fraction = split.val if split.folds is None else 1.0
     for name, part in parts.items():
         part.sort()
@@ -150,20 +151,14 @@ def stratified_split(
     return parts
 
 
-def _keep_share(train: list[Sample], fraction: float, seed: int) -> list[Sample]:
-    """`fraction` of each class-and-group stratum (at least one face of each), drawn by a
-    generator of its own so the split itself is untouched and smaller shares are nested in
-    larger ones."""
-    strata: dict[tuple[int, str | None], list[Sample]] = defaultdict(list)
-    for sample in sorted(train):
-        strata[(sample.label, sample.group)].append(sample)
-    rng = random.Random(f"train_fraction {seed}")
-    kept = []
-    for key in sorted(strata, key=lambda k: (k[0], k[1] or "")):
-        members = strata[key]
-        rng.shuffle(members)
-        kept += members[: max(1, round(len(members) * fraction))]
-    return kept
+def _keep_share(train: list[Sample], fraction: float, rng: random.Random) -> list[Sample]:
+    """`fraction` of one stratum's training faces (at least one), in an order that does not
+    depend on the fraction, so smaller shares are nested in larger ones."""
+    if fraction >= 1.0 or not train:
+        return train
+    kept = sorted(train)
+    rng.shuffle(kept)
+    return kept[: max(1, round(len(kept) * fraction))]
 
 
 def _describe(split: SplitConfig) -> str:
